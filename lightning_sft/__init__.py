@@ -1,0 +1,30 @@
+"""lightning-sft: PyTorch Lightning callbacks that make fine-tuning large language models cheaper."""
+
+from lightning_sft.adapters import (
+    LoRAConfig,
+    LoRALinear,
+    inject_lora,
+    load_adapter,
+    load_from_checkpoint,
+    lora_layers,
+    merge_adapter,
+    save_adapter,
+    unmerge_adapter,
+)
+from lightning_sft.callbacks import EfficiencyMonitor, LoRA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EfficiencyMonitor",
+    "LoRA",
+    "LoRAConfig",
+    "LoRALinear",
+    "inject_lora",
+    "load_adapter",
+    "load_from_checkpoint",
+    "lora_layers",
+    "merge_adapter",
+    "save_adapter",
+    "unmerge_adapter",
+]

@@ -1,0 +1,6 @@
+"""Lightning callbacks: thin wiring of the pure logic into the Trainer."""
+
+from lightning_sft.callbacks.efficiency import EfficiencyMonitor
+from lightning_sft.callbacks.lora import LoRA
+
+__all__ = ["EfficiencyMonitor", "LoRA"]

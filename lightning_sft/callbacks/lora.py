@@ -1,0 +1,99 @@
+"""The LoRA callback: adapters injected into any LightningModule before its optimizer exists."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_sft.adapters.checkpoint import CHECKPOINT_KEY, structure_record
+from lightning_sft.adapters.injection import LoRAConfig, inject_lora, lora_layers, replace_submodule
+from lightning_sft.adapters.lora_layer import LoRALinear
+
+# Sharded strategies restore checkpoints after wrapping and flatten parameters; not supported yet.
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+class LoRA(Callback):
+    """Inject LoRA adapters into the LightningModule's layers and freeze everything else.
+
+    Injection happens in ``setup``, before Lightning calls ``configure_optimizers``, so an
+    optimizer built from ``self.parameters()`` sees the adapters and frozen weights get no state.
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: dropout on the adapter input, in [0, 1).
+        target_modules: ``"all-linear"`` (every linear layer except output heads), a list of
+            module-name suffixes such as ``["q_proj", "v_proj"]``, or a regex matched against full names.
+        exclude_modules: the same forms, removed from the selection.
+        use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+        rank_pattern: per-module ranks, keyed by module name or name suffix.
+        alpha_pattern: per-module alphas, keyed like ``rank_pattern``.
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        target_modules: str | Sequence[str] = "all-linear",
+        exclude_modules: str | Sequence[str] | None = None,
+        use_rslora: bool = False,
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
+    ) -> None:
+        self.config = LoRAConfig(
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=target_modules,
+            exclude_modules=exclude_modules,
+            use_rslora=use_rslora,
+            rank_pattern=dict(rank_pattern or {}),
+            alpha_pattern=dict(alpha_pattern or {}),
+        )
+        self.adapted_modules: list[str] = []
+        self._hooked: set[int] = set()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if strategy in _UNSUPPORTED_STRATEGIES:
+            raise RuntimeError(
+                f"LoRA does not support {strategy} yet. Use strategy='ddp' (or 'auto' on one device)."
+            )
+        count = sum(isinstance(cb, LoRA) for cb in trainer.callbacks)
+        if count > 1:
+            raise ValueError(f"The LoRA callback was added {count} times; keep exactly one LoRA in `callbacks`.")
+        existing = lora_layers(pl_module)
+        if existing:
+            # A second fit with the same module, or adapters loaded with `load_adapter`: keep them.
+            self.adapted_modules = list(existing)
+        else:
+            self.adapted_modules = inject_lora(pl_module, self.config)
+            trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in pl_module.parameters())
+            rank_zero_info(
+                f"LoRA: adapted {len(self.adapted_modules)} layers; trainable parameters {trainable:,} of {total:,}"
+                f" ({100 * trainable / total:.2f}%)."
+            )
+        if id(pl_module) not in self._hooked:
+            pl_module.register_load_state_dict_pre_hook(self._match_checkpoint_ranks)
+            self._hooked.add(id(pl_module))
+
+    def _match_checkpoint_ranks(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        """On resume, resize adapters whose rank in the checkpoint differs: the checkpoint wins."""
+        for name, layer in lora_layers(module).items():
+            saved = state_dict.get(f"{prefix}{name}.lora_A")
+            if saved is not None and saved.shape[0] != layer.r:
+                rank_zero_warn(f"LoRA: {name} has rank {saved.shape[0]} in the checkpoint (configured {layer.r}).")
+                dropout = layer.dropout.p if isinstance(layer.dropout, torch.nn.Dropout) else 0.0
+                resized = LoRALinear(layer.base_layer, saved.shape[0], layer.alpha, dropout, layer.use_rslora)
+                replace_submodule(module, name, resized)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = structure_record(pl_module)
