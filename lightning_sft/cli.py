@@ -1,0 +1,188 @@
+"""``lightning-sft``: Lightning's CLI with this package's callbacks as first-class flags.
+
+``lightning-sft fit --lora.r 16`` trains ``CausalLM`` on ``RandomTokenData`` unless ``--model`` /
+``--data`` name other classes; ``lightning-sft bench ...`` runs the micro-benchmarks. See ``docs/cli.md``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+# Importing the callbacks registers them as Callback subclasses, so jsonargparse resolves the short
+# names in `--trainer.callbacks+=LoRA` as well as full class paths.
+from lightning_sft.adapters import lora_layers, save_adapter
+from lightning_sft.callbacks import EfficiencyMonitor, LoRA
+from lightning_sft.data import RandomTokenData
+from lightning_sft.modules import CausalLM
+
+# Callbacks on by default, configured by `--<key>.*` and switched off by `--no_<key>`.
+DEFAULT_CALLBACKS: dict[str, type[Callback]] = {"lora": LoRA, "efficiency": EfficiencyMonitor}
+
+
+@dataclass(frozen=True)
+class FeatureFlag:
+    """A top-level option (e.g. ``--sparsity STRATEGY``) that adds a callback when set to a non-default value.
+
+    Args:
+        name: the option, e.g. ``"--layer-dropout"``; its config-file key drops the leading dashes
+            and reads other dashes as underscores (``layer_dropout``).
+        help: shown by ``--help``.
+        build: ``value -> Callback | None``, called only for non-default values; None adds nothing.
+        type: the value's type; ignored when ``choices`` is given.
+        choices: the allowed values, ``default`` among them.
+        default: the value meaning "off".
+    """
+
+    name: str
+    help: str
+    build: Callable[[Any], Callback | None]
+    type: Any = str
+    choices: tuple[Any, ...] | None = None
+    default: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.name.startswith("--") or len(self.name) < 3:
+            raise ValueError(f"A feature flag name looks like '--sparsity', got {self.name!r}.")
+        if self.choices is not None and self.default not in self.choices:
+            raise ValueError(f"{self.name}: the default {self.default!r} must be one of the choices {self.choices}.")
+
+    @property
+    def dest(self) -> str:
+        return self.name[2:].replace("-", "_")
+
+    def add_to(self, parser: LightningArgumentParser) -> None:
+        value_type = Literal[self.choices] if self.choices is not None else self.type
+        parser.add_argument(self.name, type=value_type, default=self.default, help=self.help)
+
+    def callback(self, value: Any) -> Callback | None:
+        return None if value == self.default else self.build(value)
+
+
+# Later features register here, keyed by flag name; each entry becomes an option of every subcommand.
+FEATURE_FLAGS: dict[str, FeatureFlag] = {}
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _flag_summary() -> str:
+    names = [f"--{key}.{param}" for key, cls in DEFAULT_CALLBACKS.items() for param in _init_params(cls)]
+    names += [f"--no_{key}" for key in DEFAULT_CALLBACKS]
+    names += list(FEATURE_FLAGS)
+    return ", ".join(names)
+
+
+def _init_params(cls: type) -> list[str]:
+    return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
+
+class SFTCLI(LightningCLI):
+    """``LightningCLI`` defaulting to ``CausalLM`` + ``RandomTokenData``, with LoRA and EfficiencyMonitor on.
+
+    Any LightningModule / LightningDataModule can replace the defaults (``--model my.Module``), since
+    the callbacks work on any module. A callback class given in ``--trainer.callbacks`` replaces the
+    flag-configured instance of that class, so nothing is added twice.
+    """
+
+    def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        options: dict[str, Any] = {
+            "model_class": pl.LightningModule,
+            "datamodule_class": pl.LightningDataModule,
+            "subclass_mode_model": True,
+            "subclass_mode_data": True,
+            "seed_everything_default": 0,
+            "save_config_kwargs": {"overwrite": True},
+            "parser_kwargs": {
+                "prog": "lightning-sft",
+                "description": "Fine-tune LLMs cheaply with Lightning. Run `lightning-sft SUBCOMMAND --help`.",
+                "epilog": (
+                    f"fit, validate and test take the Trainer, --model and --data options plus {_flag_summary()}."
+                    " LoRA and EfficiencyMonitor are on by default. `lightning-sft bench --help` lists benchmarks."
+                ),
+            },
+            **kwargs,
+        }
+        super().__init__(args=args, run=run, **options)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No `predict`: CausalLM has no predict_step.
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for key, cls in DEFAULT_CALLBACKS.items():
+            parser.add_argument(
+                f"--no_{key}", action="store_true", help=f"Do not add the {cls.__name__} callback of --{key}.*."
+            )
+            parser.add_lightning_class_args(cls, key)
+        for flag in FEATURE_FLAGS.values():
+            flag.add_to(parser)
+        parser.set_defaults(
+            {"model": {"class_path": _class_path(CausalLM)}, "data": {"class_path": _class_path(RandomTokenData)}}
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """Lightning's, adding the flag-built callbacks whose class is not already in ``trainer.callbacks``."""
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        explicit = config.get("callbacks") or []
+        if not isinstance(explicit, list):  # a config file may give a single callback
+            explicit = [explicit]
+        config["callbacks"] = explicit
+        persistent = self.trainer_defaults.get("callbacks") or []
+        present = explicit + (persistent if isinstance(persistent, list) else [persistent])
+
+        candidates: list[tuple[str, Callback]] = [
+            (f"--{key}.*", self._get(self.config_init, key))
+            for key in self._parser(self.subcommand).callback_keys
+            if not self._get(self.config_init, f"no_{key}", False)
+        ]
+        for flag in FEATURE_FLAGS.values():
+            callback = flag.callback(self._get(self.config_init, flag.dest))
+            if callback is not None:
+                candidates.append((flag.name, callback))
+
+        extra = []
+        for source, callback in candidates:
+            if any(isinstance(cb, type(callback)) for cb in present):
+                rank_zero_info(f"Using the {type(callback).__name__} from trainer.callbacks; ignoring {source}.")
+            else:
+                extra.append(callback)
+        return self._instantiate_trainer(config, extra)
+
+    def after_fit(self) -> None:
+        """Save the LoRA adapter in peft's layout next to the logs, usable without Lightning."""
+        if not any(isinstance(cb, LoRA) for cb in self.trainer.callbacks) or not lora_layers(self.model):
+            return
+        # `log_dir` broadcasts from rank zero, so every rank must read it.
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
+        if self.trainer.is_global_zero:
+            save_adapter(self.model, directory)
+            print(f"LoRA adapter saved to {directory}")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry: ``lightning-sft {fit,validate,test} ...`` or ``lightning-sft bench ...``."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["bench"]:
+        from lightning_sft.bench import main as bench_main  # lazy: training must not depend on benchmarks
+
+        code = bench_main(argv[1:])
+        if code:
+            raise SystemExit(code)
+        return
+    SFTCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Ready-made LightningDataModules for the CLI."""
+
+from lightning_sft.data.random_tokens import RandomTokenData
+
+__all__ = ["RandomTokenData"]

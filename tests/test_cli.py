@@ -1,0 +1,245 @@
+"""The ``lightning-sft`` CLI, ``CausalLM`` and ``RandomTokenData``, run in-process on tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from transformers import AutoModelForCausalLM
+
+from lightning_sft import EfficiencyMonitor, LoRA, lora_layers
+from lightning_sft import cli as cli_module
+from lightning_sft.cli import FeatureFlag, SFTCLI, main
+from lightning_sft.data import RandomTokenData
+from lightning_sft.modules import PRESETS, CausalLM
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LightningCLI warns when both `args` and sys.argv (here: pytest's own) carry arguments.
+    monkeypatch.setattr(sys, "argv", ["lightning-sft"])
+
+
+def _trainer_args(root: Path, *extra: str) -> list[str]:
+    return [
+        "--trainer.max_steps", "3",
+        "--trainer.accelerator", "cpu",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--data.num_train", "16",
+        "--data.num_val", "8",
+        "--data.seq_len", "16",
+        *extra,
+    ]
+
+
+def _callbacks_of(cli: SFTCLI, cls: type[Callback]) -> list[Callback]:
+    return [cb for cb in cli.trainer.callbacks if isinstance(cb, cls)]
+
+
+def test_fit_with_lora_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cli = SFTCLI(args=["fit", *_trainer_args(tmp_path, "--lora.r", "4", "--lora.target_modules", "[q_proj,v_proj]")])
+
+    layers = lora_layers(cli.model)
+    assert sorted({name.rsplit(".", 1)[-1] for name in layers}) == ["q_proj", "v_proj"]
+    assert len(layers) == 4 and {layer.r for layer in layers.values()} == {4}
+    trainable = sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
+    assert trainable == sum(4 * (layer.in_features + layer.out_features) for layer in layers.values())
+    assert len(_callbacks_of(cli, LoRA)) == 1 and len(_callbacks_of(cli, EfficiencyMonitor)) == 1
+    assert cli.trainer.global_step == 3
+
+    log_dir = Path(cli.trainer.log_dir)
+    adapter = log_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert f"LoRA adapter saved to {adapter}" in capsys.readouterr().out
+    assert list(log_dir.glob("events.out.tfevents.*")), "the default TensorBoard logger wrote nothing"
+    assert (log_dir / "config.yaml").is_file()
+
+
+def test_main_runs_fit_and_writes_adapter(tmp_path: Path) -> None:
+    main(["fit", *_trainer_args(tmp_path, "--trainer.max_steps", "1")])
+    adapter = tmp_path / "lightning_logs" / "version_0" / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("class_name", ["lightning_sft.LoRA", "LoRA"])
+def test_lora_in_trainer_callbacks_wins(tmp_path: Path, class_name: str) -> None:
+    args = _trainer_args(
+        tmp_path,
+        "--lora.r", "16",
+        f"--trainer.callbacks+={class_name}", "--trainer.callbacks.r=2",
+        "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
+        "--trainer.log_every_n_steps", "1",
+    )
+    cli = SFTCLI(args=["fit", *args])
+
+    (lora,) = _callbacks_of(cli, LoRA)
+    assert lora.config.r == 2
+    assert {layer.r for layer in lora_layers(cli.model).values()} == {2}
+    header = (Path(cli.trainer.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert "train_loss" in header and "efficiency/tokens_per_s" in header
+
+
+def test_efficiency_in_trainer_callbacks_wins(tmp_path: Path) -> None:
+    args = _trainer_args(tmp_path, "--trainer.callbacks+=EfficiencyMonitor", "--trainer.callbacks.prefix=eff/")
+    cli = SFTCLI(args=args, run=False)
+    (monitor,) = _callbacks_of(cli, EfficiencyMonitor)
+    assert monitor.prefix == "eff/"
+    assert len(_callbacks_of(cli, LoRA)) == 1
+
+
+def test_no_flags_turn_default_callbacks_off(tmp_path: Path) -> None:
+    cli = SFTCLI(args=_trainer_args(tmp_path, "--no_lora", "--no_efficiency"), run=False)
+    assert not _callbacks_of(cli, LoRA) and not _callbacks_of(cli, EfficiencyMonitor)
+
+
+def test_config_file_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_trainer_args(tmp_path, "--lora.r", "16", "--model.lr", "1e-3"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: lightning_sft.modules.CausalLM" in printed and "r: 16" in printed
+    config = tmp_path / "config.yaml"
+    config.write_text(printed)
+
+    cli = SFTCLI(args=["fit", "--config", str(config), "--trainer.max_steps", "1"])
+    assert cli.model.hparams.lr == 1e-3
+    assert {layer.r for layer in lora_layers(cli.model).values()} == {16}
+
+
+@pytest.mark.parametrize("words", [["fit", "--help"], ["--help"]])
+def test_help_lists_lora_flags(words: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_sft.cli", *words], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--lora.r" in result.stdout and "--efficiency.measure_flops" in result.stdout
+
+
+def test_bad_preset_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"Unknown model 'tiny-lama'.*tiny-llama.*local Hugging Face model directory"):
+        main(["fit", *_trainer_args(tmp_path, "--model.model", "tiny-lama")])
+
+
+class _Dummy(Callback):
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+
+def test_feature_flag_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = {
+        "--dummy-rate": FeatureFlag("--dummy-rate", help="Dummy rate.", type=float, default=0.0, build=_Dummy),
+        "--dummy-mode": FeatureFlag(
+            "--dummy-mode", help="Dummy mode.", choices=("off", "a", "b"), default="off", build=lambda mode: None
+        ),
+    }
+    monkeypatch.setattr(cli_module, "FEATURE_FLAGS", flags)
+
+    cli = SFTCLI(args=_trainer_args(tmp_path, "--dummy-rate", "0.25", "--dummy-mode", "a"), run=False)
+    (dummy,) = _callbacks_of(cli, _Dummy)
+    assert dummy.rate == 0.25
+    assert cli.config["dummy_rate"] == 0.25  # the config-file key
+
+    assert not _callbacks_of(SFTCLI(args=_trainer_args(tmp_path), run=False), _Dummy)  # default means off
+
+    with pytest.raises(SystemExit):
+        SFTCLI(args=_trainer_args(tmp_path, "--dummy-mode", "c"), run=False)
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "--dummy-rate" in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match="must be one of the choices"):
+        FeatureFlag("--bad", help="", choices=("a",), default="off", build=_Dummy)
+
+
+def test_bench_is_dispatched_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> int:
+        calls.append(argv)
+        return 3 if "--fail" in argv else 0
+
+    monkeypatch.setitem(sys.modules, "lightning_sft.bench", types.SimpleNamespace(main=fake_main))
+    main(["bench", "lora", "--steps", "2"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--fail"])
+    assert exit_info.value.code == 3
+    assert calls == [["lora", "--steps", "2"], ["--fail"]]
+
+
+def test_optimizer_keeps_no_state_for_frozen_parameters() -> None:
+    pl.seed_everything(0)
+    model = CausalLM(lr=1e-3)
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", callbacks=[LoRA(r=2)], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=RandomTokenData(seq_len=16, batch_size=4, num_train=4, num_val=1))
+
+    optimizer = trainer.optimizers[0]
+    params = list(model.parameters())
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(params)  # not filtered
+    frozen = [p for p in params if not p.requires_grad]
+    trainable = [p for p in params if p.requires_grad]
+    assert frozen and trainable
+    assert all(p not in optimizer.state for p in frozen)
+    assert all("exp_avg" in optimizer.state[p] for p in trainable)
+
+
+def test_warmup_is_linear() -> None:
+    model = CausalLM(lr=1.0, warmup_steps=4)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert isinstance(CausalLM(warmup_steps=0).configure_optimizers(), torch.optim.AdamW)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"lr": 0.0}, {"weight_decay": -0.1}, {"warmup_steps": -1}, {"model": "nope"}]
+)
+def test_causal_lm_validates_arguments(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        CausalLM(**kwargs)
+
+
+def test_causal_lm_loads_a_local_directory(tmp_path: Path) -> None:
+    reference = AutoModelForCausalLM.from_config(PRESETS["tiny-llama"]())
+    reference.save_pretrained(tmp_path)
+    loaded = CausalLM(model=str(tmp_path)).model
+    torch.testing.assert_close(loaded.state_dict(), reference.state_dict())
+
+
+def test_random_token_data_is_deterministic() -> None:
+    def first_batch(seed: int) -> dict[str, torch.Tensor]:
+        data = RandomTokenData(vocab_size=50, seq_len=8, batch_size=2, num_train=4, num_val=2, seed=seed)
+        data.setup("fit")
+        return next(iter(data.train_dataloader()))
+
+    batch = first_batch(0)
+    assert batch["input_ids"].shape == (2, 8) and int(batch["input_ids"].max()) < 50
+    torch.testing.assert_close(batch["labels"], batch["input_ids"])
+    assert bool(batch["attention_mask"].all())
+    torch.testing.assert_close(first_batch(0), batch)
+    assert not torch.equal(first_batch(1)["input_ids"], batch["input_ids"])
+
+
+@pytest.mark.parametrize("kwargs", [{"vocab_size": 0}, {"seq_len": -1}, {"batch_size": 1.5}, {"num_val": True}])
+def test_random_token_data_validates_arguments(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        RandomTokenData(**kwargs)
