@@ -1,13 +1,17 @@
 """``lightning-sft``: Lightning's CLI with this package's callbacks as first-class flags.
 
-``lightning-sft fit --lora.r 16`` trains ``CausalLM`` on ``RandomTokenData`` unless ``--model`` /
-``--data`` name other classes; ``lightning-sft bench ...`` runs the micro-benchmarks. See ``docs/cli.md``.
+``lightning-sft fit`` runs the main job from ``configs/demo.yaml`` (LoRA fine-tuning of the shipped base
+on the embedded task); every key can be overridden by a flag, and ``--model`` / ``--data`` take other
+classes. ``bench``, ``pretrain`` and ``report`` are plain subcommands. See ``docs/cli.md``.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +20,23 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 # Importing the callbacks registers them as Callback subclasses, so jsonargparse resolves the short
 # names in `--trainer.callbacks+=LoRA` as well as full class paths.
 from lightning_sft.adapters import lora_layers, save_adapter
 from lightning_sft.callbacks import EfficiencyMonitor, LoRA
-from lightning_sft.data import RandomTokenData
-from lightning_sft.modules import CausalLM
+from lightning_sft.summary import format_summary, run_summary
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+# Subcommands that are not LightningCLI's: each module exposes `main(argv) -> int` and is imported lazily.
+PLAIN_SUBCOMMANDS = {
+    "bench": "lightning_sft.bench",
+    "pretrain": "lightning_sft.pretraining.run",
+    "report": "lightning_sft.report",
+}
 
 # Callbacks on by default, configured by `--<key>.*` and switched off by `--no_<key>`.
 DEFAULT_CALLBACKS: dict[str, type[Callback]] = {"lora": LoRA, "efficiency": EfficiencyMonitor}
@@ -72,10 +85,6 @@ class FeatureFlag:
 FEATURE_FLAGS: dict[str, FeatureFlag] = {}
 
 
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _flag_summary() -> str:
     names = [f"--{key}.{param}" for key, cls in DEFAULT_CALLBACKS.items() for param in _init_params(cls)]
     names += [f"--no_{key}" for key in DEFAULT_CALLBACKS]
@@ -88,7 +97,7 @@ def _init_params(cls: type) -> list[str]:
 
 
 class SFTCLI(LightningCLI):
-    """``LightningCLI`` defaulting to ``CausalLM`` + ``RandomTokenData``, with LoRA and EfficiencyMonitor on.
+    """``LightningCLI`` defaulting to the main job (``configs/demo.yaml``), with LoRA and EfficiencyMonitor on.
 
     Any LightningModule / LightningDataModule can replace the defaults (``--model my.Module``), since
     the callbacks work on any module. A callback class given in ``--trainer.callbacks`` replaces the
@@ -108,7 +117,15 @@ class SFTCLI(LightningCLI):
                 "description": "Fine-tune LLMs cheaply with Lightning. Run `lightning-sft SUBCOMMAND --help`.",
                 "epilog": (
                     f"fit, validate and test take the Trainer, --model and --data options plus {_flag_summary()}."
-                    " LoRA and EfficiencyMonitor are on by default. `lightning-sft bench --help` lists benchmarks."
+                    " LoRA and EfficiencyMonitor are on by default. Other subcommands: bench, pretrain, report"
+                    " (`lightning-sft bench --help`)."
+                ),
+                # The main job's settings; flags and --config files override them. Without subcommands
+                # (run=False) there is only the main parser.
+                **(
+                    {name: {"default_config_files": [str(DEFAULT_CONFIG)]} for name in ("fit", "validate", "test")}
+                    if run
+                    else {"default_config_files": [str(DEFAULT_CONFIG)]}
                 ),
             },
             **kwargs,
@@ -128,13 +145,17 @@ class SFTCLI(LightningCLI):
             parser.add_lightning_class_args(cls, key)
         for flag in FEATURE_FLAGS.values():
             flag.add_to(parser)
-        parser.set_defaults(
-            {"model": {"class_path": _class_path(CausalLM)}, "data": {"class_path": _class_path(RandomTokenData)}}
-        )
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """Lightning's, adding the flag-built callbacks whose class is not already in ``trainer.callbacks``."""
+        """Lightning's, adding the flag-built callbacks whose class is not already in ``trainer.callbacks``.
+
+        Without an explicit ``--trainer.logger``, logs go to TensorBoard and CSV in one version directory.
+        """
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if config.get("logger") in (None, True):
+            root = config.get("default_root_dir") or "."
+            csv_logger = CSVLogger(root, name="lightning_logs")
+            config["logger"] = [csv_logger, TensorBoardLogger(root, name="lightning_logs", version=csv_logger.version)]
         explicit = config.get("callbacks") or []
         if not isinstance(explicit, list):  # a config file may give a single callback
             explicit = [explicit]
@@ -160,24 +181,44 @@ class SFTCLI(LightningCLI):
                 extra.append(callback)
         return self._instantiate_trainer(config, extra)
 
+    def before_fit(self) -> None:
+        """Score the untouched base on the test split, so the summary can show what fine-tuning changed."""
+        self._started = time.perf_counter()
+        self._before = self._test_metrics()
+
     def after_fit(self) -> None:
-        """Save the LoRA adapter in peft's layout next to the logs, usable without Lightning."""
-        if not any(isinstance(cb, LoRA) for cb in self.trainer.callbacks) or not lora_layers(self.model):
-            return
-        # `log_dir` broadcasts from rank zero, so every rank must read it.
-        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
+        """Save the adapter (peft layout), test again, and print and save the run summary."""
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        adapter = None
+        if any(isinstance(cb, LoRA) for cb in self.trainer.callbacks) and lora_layers(self.model):
+            adapter = directory / "adapter"
+            if self.trainer.is_global_zero:
+                save_adapter(self.model, adapter)
+        after = self._test_metrics()
+        monitor = next((cb for cb in self.trainer.callbacks if isinstance(cb, EfficiencyMonitor)), None)
+        summary = run_summary(
+            self.trainer, self.model, self._before, after, monitor, time.perf_counter() - self._started, adapter
+        )
         if self.trainer.is_global_zero:
-            save_adapter(self.model, directory)
-            print(f"LoRA adapter saved to {directory}")
+            (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(format_summary(summary))
+
+    def _test_metrics(self) -> dict[str, float]:
+        """Test-split metrics, or {} when the model or data has no test step/split."""
+        if self.datamodule is None or not is_overridden("test_step", self.model, pl.LightningModule):
+            return {}
+        if not is_overridden("test_dataloader", self.datamodule, pl.LightningDataModule):
+            return {}
+        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        return {key: float(value) for key, value in results[0].items()} if results else {}
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry: ``lightning-sft {fit,validate,test} ...`` or ``lightning-sft bench ...``."""
+    """Console entry: ``lightning-sft {fit,validate,test,bench,pretrain,report} ...``."""
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["bench"]:
-        from lightning_sft.bench import main as bench_main  # lazy: training must not depend on benchmarks
-
-        code = bench_main(argv[1:])
+    if argv[:1] and argv[0] in PLAIN_SUBCOMMANDS:
+        module = importlib.import_module(PLAIN_SUBCOMMANDS[argv[0]])  # lazy: training needs none of them
+        code = module.main(argv[1:])
         if code:
             raise SystemExit(code)
         return

@@ -34,9 +34,12 @@ def _trainer_args(root: Path, *extra: str) -> list[str]:
         "--trainer.default_root_dir", str(root),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
-        "--data.num_train", "16",
+        "--trainer.enable_checkpointing", "false",
+        "--trainer.val_check_interval", "3",
+        "--data.num_train", "24",
         "--data.num_val", "8",
-        "--data.seq_len", "16",
+        "--data.num_test", "8",
+        "--data.batch_size", "8",
         *extra,
     ]
 
@@ -50,7 +53,7 @@ def test_fit_with_lora_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
     layers = lora_layers(cli.model)
     assert sorted({name.rsplit(".", 1)[-1] for name in layers}) == ["q_proj", "v_proj"]
-    assert len(layers) == 4 and {layer.r for layer in layers.values()} == {4}
+    assert len(layers) == 2 * cli.model.model.config.num_hidden_layers and {layer.r for layer in layers.values()} == {4}
     trainable = sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
     assert trainable == sum(4 * (layer.in_features + layer.out_features) for layer in layers.values())
     assert len(_callbacks_of(cli, LoRA)) == 1 and len(_callbacks_of(cli, EfficiencyMonitor)) == 1
@@ -61,15 +64,35 @@ def test_fit_with_lora_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert (adapter / "adapter_model.safetensors").is_file()
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
-    assert f"LoRA adapter saved to {adapter}" in capsys.readouterr().out
+    assert str(adapter) in capsys.readouterr().out  # the summary names it
     assert list(log_dir.glob("events.out.tfevents.*")), "the default TensorBoard logger wrote nothing"
     assert (log_dir / "config.yaml").is_file()
 
 
-def test_main_runs_fit_and_writes_adapter(tmp_path: Path) -> None:
-    main(["fit", *_trainer_args(tmp_path, "--trainer.max_steps", "1")])
-    adapter = tmp_path / "lightning_logs" / "version_0" / "adapter"
-    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+def test_main_job_writes_logs_adapter_summary_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["fit", *_trainer_args(tmp_path)])
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert list(run.glob("events.out.tfevents.*")) and (run / "metrics.csv").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["trainable_params"] < summary["total_params"]
+    for key in ("test_acc_before", "test_acc_after", "test_loss_before", "test_loss_after", "tokens_per_s",
+                "effective_flops"):
+        assert summary[key] is not None, key
+    assert summary["test_loss_after"] < summary["test_loss_before"]  # 3 steps already help
+    out = capsys.readouterr().out
+    assert "Run summary" in out and "test exact match, before" in out
+
+    other = tmp_path / "other_run"  # a second run, to compare side by side
+    other.mkdir()
+    (other / "metrics.csv").write_text("epoch,step,train_loss,val_acc\n0,0,3.0,\n0,1,2.5,0.25\n")
+    main(["report", str(run), str(other), "--out", str(tmp_path / "report")])
+    png = (tmp_path / "report" / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "data:image/png;base64," in page and "test_acc_after" in page
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path / "missing")])
 
 
 @pytest.mark.parametrize("class_name", ["lightning_sft.LoRA", "LoRA"])
@@ -127,7 +150,7 @@ def test_help_lists_lora_flags(words: list[str]) -> None:
 
 
 def test_bad_preset_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"Unknown model 'tiny-lama'.*tiny-llama.*local Hugging Face model directory"):
+    with pytest.raises(ValueError, match=r"Unknown model 'tiny-lama'.*sft-llama-5m.*tiny-llama.*local Hugging Face"):
         main(["fit", *_trainer_args(tmp_path, "--model.model", "tiny-lama")])
 
 
@@ -179,7 +202,7 @@ def test_bench_is_dispatched_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_optimizer_keeps_no_state_for_frozen_parameters() -> None:
     pl.seed_everything(0)
-    model = CausalLM(lr=1e-3)
+    model = CausalLM(model="tiny-llama", lr=1e-3)
     trainer = pl.Trainer(
         max_steps=1, accelerator="cpu", callbacks=[LoRA(r=2)], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -197,7 +220,7 @@ def test_optimizer_keeps_no_state_for_frozen_parameters() -> None:
 
 
 def test_warmup_is_linear() -> None:
-    model = CausalLM(lr=1.0, warmup_steps=4)
+    model = CausalLM(model="tiny-llama", lr=1.0, warmup_steps=4)
     config = model.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert config["lr_scheduler"]["interval"] == "step"
@@ -207,7 +230,7 @@ def test_warmup_is_linear() -> None:
         optimizer.step()
         scheduler.step()
     assert lrs == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert isinstance(CausalLM(warmup_steps=0).configure_optimizers(), torch.optim.AdamW)
+    assert isinstance(CausalLM(model="tiny-llama").configure_optimizers(), torch.optim.AdamW)
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ def load_from_checkpoint(
     buffer.seek(0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*keys that are in the model state dict but not in the checkpoint.*")
+        warnings.filterwarnings("ignore", message=".*contains no parameters.*")
         module = module_class.load_from_checkpoint(buffer, map_location="cpu", strict=False, **kwargs)
     inject_structure(module, record["structure"], record["dropout"], record["use_rslora"])
     module.load_state_dict(checkpoint["state_dict"], strict=True)

@@ -94,6 +94,8 @@ class EfficiencyMonitor(Callback):
         self.log_every_n_steps = log_every_n_steps
 
         self.dense_flops_per_token: float | None = None
+        # Rank-local sums over the current fit, for end-of-run summaries.
+        self.fit_totals: dict[str, float] = {}
         self._flops_failed = False
         self._counter = StepFlopCounter()
         self._tracker = EfficiencyTracker()
@@ -116,6 +118,7 @@ class EfficiencyMonitor(Callback):
     # -- lifecycle -----------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_totals = dict.fromkeys(("steps", "tokens", "seconds", "dense_flops", "effective_flops"), 0.0)
         # NCCL can only all-reduce CUDA tensors; other backends sync CPU states fine.
         if trainer.strategy.root_device.type == "cuda":
             self._tracker = self._tracker.to(trainer.strategy.root_device)
@@ -262,6 +265,9 @@ class EfficiencyMonitor(Callback):
     def _close_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule, device: torch.device) -> None:
         window, self._window = self._window, _Window()
         has_flops = window.flop_batches > 0
+        for key, value in (("steps", 1), ("tokens", window.tokens), ("seconds", window.seconds),
+                           ("dense_flops", window.dense_flops), ("effective_flops", window.effective_flops)):
+            self.fit_totals[key] = self.fit_totals.get(key, 0.0) + value
         self._tracker.update(
             window.tokens,
             window.seconds,

@@ -1,5 +1,6 @@
 """Ready-made LightningDataModules for the CLI."""
 
+from lightning_sft.data.prompt_response import PromptResponseData
 from lightning_sft.data.random_tokens import RandomTokenData
 
-__all__ = ["RandomTokenData"]
+__all__ = ["PromptResponseData", "RandomTokenData"]

@@ -6,6 +6,7 @@ metrics are callbacks and work on any LightningModule, not just this one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ import lightning.pytorch as pl
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
+
+from lightning_sft.assets import SHIPPED_MODELS, resolve_model_dir
+from lightning_sft.tasks.exact_match import ResponseExactMatch
 
 # Random-init models built from a config: no download, so smoke tests and CI run offline.
 PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
@@ -26,18 +30,30 @@ PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
         num_key_value_heads=2,
         max_position_embeddings=256,
     ),
+    # The architecture of the shipped pretrained base (see docs/base_model.md), random-init.
+    "llama-5m": lambda: LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
 }
 
 
 def build_model(model: str) -> torch.nn.Module:
-    """A random-init preset by name, or a local Hugging Face model directory (never the hub)."""
+    """A shipped pretrained model by name, a random-init preset, or a local HF model directory (never the hub)."""
     if model in PRESETS:
         return AutoModelForCausalLM.from_config(PRESETS[model]())
-    if Path(model).is_dir():
-        return AutoModelForCausalLM.from_pretrained(model, local_files_only=True)
+    directory = resolve_model_dir(model)
+    if directory is not None:
+        return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
     raise ValueError(
-        f"Unknown model {model!r}: use a built-in preset ({', '.join(sorted(PRESETS))}) "
-        "or a path to a local Hugging Face model directory (one holding config.json and the weights)."
+        f"Unknown model {model!r}: use a shipped model ({', '.join(sorted(SHIPPED_MODELS))}), a random-init preset"
+        f" ({', '.join(sorted(PRESETS))}), or a path to a local Hugging Face model directory (config.json + weights)."
     )
 
 
@@ -45,14 +61,22 @@ class CausalLM(pl.LightningModule):
     """Next-token-prediction fine-tuning of a Hugging Face causal LM held in ``self.model``.
 
     Args:
-        model: a preset name from ``PRESETS`` (random weights) or a local Hugging Face model directory.
+        model: a shipped pretrained model (``sft-llama-5m``), a random-init preset from ``PRESETS``, or a
+            local Hugging Face model directory.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
-        warmup_steps: optimizer steps of linear learning-rate warmup; 0 disables the scheduler.
+        warmup_steps: optimizer steps of linear learning-rate warmup.
+        decay_steps: if set, the learning rate follows a cosine from its peak after warm-up down to
+            10% at this step (and stays there); ``None`` keeps it constant after warm-up.
     """
 
     def __init__(
-        self, model: str = "tiny-llama", lr: float = 2e-4, weight_decay: float = 0.0, warmup_steps: int = 0
+        self,
+        model: str = "sft-llama-5m",
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        decay_steps: int | None = None,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -61,35 +85,56 @@ class CausalLM(pl.LightningModule):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}; use 0 for no warmup.")
+        if decay_steps is not None and (not isinstance(decay_steps, int) or decay_steps <= warmup_steps):
+            raise ValueError(f"decay_steps must be an int > warmup_steps ({warmup_steps}) or None, got {decay_steps!r}.")
         self.save_hyperparameters()
-        self.model = build_model(model)
+        # from_pretrained returns eval mode; Lightning keeps module modes as they are, so switch explicitly.
+        self.model = build_model(model).train()
+        # Exact match of the response tokens (labels != -100); see ResponseExactMatch.
+        self.val_accuracy = ResponseExactMatch()
+        self.test_accuracy = ResponseExactMatch()
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # HF shifts labels internally; positions labelled -100 are ignored.
         labels = batch.get("labels", batch["input_ids"])
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels).loss
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
+        return out.loss, out.logits, labels
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss, _, _ = self._forward(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, accuracy: ResponseExactMatch) -> torch.Tensor:
+        loss, logits, labels = self._forward(batch)
+        accuracy.update(logits, labels)
+        size = batch["input_ids"].shape[0]
+        self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
+        self.log(f"{stage}_acc", accuracy, prog_bar=True, batch_size=size)
         return loss
 
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, "val", self.val_accuracy)
+
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("test_loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        return self._evaluate(batch, "test", self.test_accuracy)
 
     def configure_optimizers(self) -> Any:
         # All parameters on purpose: frozen ones (e.g. under LoRA) never get a grad, so AdamW keeps
         # no state for them, and parameters unfrozen later by a callback are still optimized.
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warmup = self.hparams.warmup_steps
-        if warmup == 0:
+        warmup, decay = self.hparams.warmup_steps, self.hparams.get("decay_steps")
+        if warmup == 0 and decay is None:
             return optimizer
-        scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, warmup, decay))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(step: int, warmup: int, decay: int | None) -> float:
+    """Linear warm-up to 1, then (if ``decay``) a cosine down to 0.1 at step ``decay``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay is None:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (decay - warmup))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))

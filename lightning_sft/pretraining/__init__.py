@@ -1,0 +1,1 @@
+"""Reproducing the shipped base model: offline corpus, tokenizer, pretraining run."""

@@ -1,0 +1,149 @@
+"""``lightning-sft report LOGDIR [LOGDIR ...]``: one picture comparing runs at a glance.
+
+Reads every ``metrics.csv`` (Lightning's CSVLogger) under the given directories, plots loss,
+accuracy and the efficiency metrics of each run side by side into a PNG, and writes an HTML page
+that embeds it together with each run's ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import json
+import math
+from pathlib import Path
+
+from lightning_sft.atomic_io import atomic_path
+
+# (metric key, panel title); a panel is drawn when any run has the key.
+PANELS = [
+    ("train_loss", "train loss"),
+    ("val_loss", "validation loss"),
+    ("val_acc", "validation exact match"),
+    ("efficiency/tokens_per_s", "tokens / s"),
+    ("efficiency/step_time_s", "step time (s)"),
+    ("efficiency/flops_ratio", "effective / dense FLOPs"),
+    ("efficiency/effective_flops_per_step", "effective FLOPs / step"),
+    ("efficiency/peak_memory_bytes", "peak memory (bytes)"),
+]
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Series ``key -> [(step, value), ...]`` from a CSVLogger file (empty cells skipped)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            step = row.get("step")
+            if not step:
+                continue
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                try:
+                    number = float(value)
+                except ValueError:
+                    continue
+                if math.isfinite(number):
+                    series.setdefault(key, []).append((int(float(step)), number))
+    return series
+
+
+def find_runs(log_dirs: list[Path]) -> dict[str, Path]:
+    """Run label -> run directory, for every metrics.csv under the given directories."""
+    runs: dict[str, Path] = {}
+    for root in log_dirs:
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist; pass the log directory of a run (or a parent of several).")
+        for csv_file in sorted(root.rglob("metrics.csv")):
+            run_dir = csv_file.parent
+            label = str(run_dir.relative_to(root.parent)) if run_dir != root else root.name
+            runs[label] = run_dir
+    if not runs:
+        raise FileNotFoundError(
+            f"No metrics.csv under {', '.join(map(str, log_dirs))}; runs need a CSVLogger (the CLI adds one by default)."
+        )
+    return runs
+
+
+def plot(runs: dict[str, dict[str, list[tuple[int, float]]]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(key, title) for key, title in PANELS if any(key in series for series in runs.values())]
+    if not panels:
+        raise ValueError("The runs logged none of the plotted metrics: " + ", ".join(key for key, _ in PANELS))
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for axis, (key, title) in zip(axes.flat, panels):
+        for label, series in runs.items():
+            points = series.get(key)
+            if points:
+                steps, values = zip(*points)
+                axis.plot(steps, values, marker="o" if len(points) < 15 else None, markersize=3, label=label)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize="small")
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_html(png: Path, summaries: dict[str, dict], out: Path) -> None:
+    image = base64.b64encode(png.read_bytes()).decode()
+    keys = sorted({key for summary in summaries.values() for key in summary})
+    table = ""
+    if summaries:
+        header = "".join(f"<th>{html.escape(label)}</th>" for label in summaries)
+        body = "".join(
+            f"<tr><td>{html.escape(key)}</td>"
+            + "".join(f"<td>{html.escape(_fmt(summary.get(key)))}</td>" for summary in summaries.values())
+            + "</tr>"
+            for key in keys
+        )
+        table = f"<h2>Run summaries</h2><table><tr><th>metric</th>{header}</tr>{body}</table>"
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>lightning-sft report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "table{border-collapse:collapse}</style></head><body><h1>lightning-sft report</h1>"
+        f"<img alt='metrics of each run' src='data:image/png;base64,{image}'>{table}</body></html>\n"
+    )
+    with atomic_path(out) as tmp:
+        tmp.write_text(page)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lightning-sft report", description=__doc__.splitlines()[0])
+    parser.add_argument("log_dirs", nargs="+", type=Path, help="run directories or parents of several runs")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first LOGDIR)")
+    args = parser.parse_args(argv)
+    try:
+        runs = find_runs(args.log_dirs)
+        out_dir = args.out or args.log_dirs[0]
+        png, page = out_dir / "report.png", out_dir / "report.html"
+        plot({label: read_metrics(path / "metrics.csv") for label, path in runs.items()}, png)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    summaries = {
+        label: json.loads((path / "summary.json").read_text())
+        for label, path in runs.items()
+        if (path / "summary.json").is_file()
+    }
+    write_html(png, summaries, page)
+    print(f"wrote {png} and {page} ({len(runs)} run{'s' if len(runs) != 1 else ''})")
+    return 0
