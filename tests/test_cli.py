@@ -266,3 +266,27 @@ def test_random_token_data_is_deterministic() -> None:
 def test_random_token_data_validates_arguments(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         RandomTokenData(**kwargs)
+
+
+def test_own_model_directory_and_jsonl_data_through_the_same_command(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from lightning_sft.assets import SHIPPED_MODELS
+    from lightning_sft.tasks import Example, write_jsonl
+
+    model_dir = tmp_path / "my_model"
+    config = LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(SHIPPED_MODELS["sft-llama-5m"]).save_pretrained(model_dir)
+    for split in ("train", "val", "test"):
+        write_jsonl([Example(f"Echo {i}:", f" {i}") for i in range(8)], tmp_path / f"{split}.jsonl")
+
+    cli = SFTCLI(args=["fit", *_trainer_args(tmp_path, "--model.model", str(model_dir),
+                                             "--data.train_file", str(tmp_path / "train.jsonl"),
+                                             "--data.val_file", str(tmp_path / "val.jsonl"),
+                                             "--data.test_file", str(tmp_path / "test.jsonl"))])
+    assert cli.model.model.config.hidden_size == 32
+    assert cli.datamodule.splits["train"][0] == Example("Echo 0:", " 0")
+    summary = json.loads((Path(cli.trainer.log_dir) / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["test_acc_after"] is not None
