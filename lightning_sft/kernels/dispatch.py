@@ -1,0 +1,227 @@
+"""Gather-GEMMs over frozen weights: argument checks, the backend rule, and the autograd Function.
+
+``resolve_backend`` is the only place that decides between the torch reference and the Triton
+kernels; ``sparse_matmul`` is the only entry point that calls it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from types import ModuleType
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_sft.kernels import reference
+
+Kind = Literal["rows", "cols"]
+Backend = Literal["auto", "torch", "triton"]
+_KINDS = ("rows", "cols")
+_BACKENDS = ("auto", "torch", "triton")
+_TORCH_INSTEAD = "or pass backend='torch' (or 'auto')"
+
+
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_ops() -> ModuleType | None:
+    """Import (and so build) the Triton kernels once, on first need; None without triton."""
+    try:
+        from lightning_sft.kernels import triton_gather
+    except ImportError:
+        return None
+    return triton_gather
+
+
+def available_backends() -> tuple[str, ...]:
+    """Backends usable in this process. Checks triton without importing it."""
+    triton_usable = importlib.util.find_spec("triton") is not None and (
+        torch.cuda.is_available() or _interpreter_requested()
+    )
+    return ("torch", "triton") if triton_usable else ("torch",)
+
+
+def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype) -> Literal["torch", "triton"]:
+    """The backend rule: "auto" means Triton for CUDA tensors of a dtype it supports when triton
+    imports, torch otherwise; an explicit "triton" that cannot run raises with the fix."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        ops = _triton_ops()
+        return "triton" if ops is not None and dtype in ops.SUPPORTED_DTYPES else "torch"
+    on_cuda = device.type == "cuda"
+    if not on_cuda and not _interpreter_requested():
+        raise RuntimeError(
+            f"backend='triton' got {device.type} tensors: the Triton kernels run on CUDA, or on CPU "
+            "only under the Triton interpreter. Set TRITON_INTERPRET=1 in the environment before "
+            f"Python starts (before triton is imported), {_TORCH_INSTEAD}."
+        )
+    ops = _triton_ops()
+    if ops is None:
+        raise RuntimeError(f"backend='triton' needs the triton package: pip install triton, {_TORCH_INSTEAD}.")
+    if not on_cuda and not ops.INTERPRETED:
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after the Triton kernels were built, so they cannot run on "
+            f"CPU in this process: set it before Python starts, {_TORCH_INSTEAD}."
+        )
+    if dtype not in ops.SUPPORTED_DTYPES:
+        names = sorted(str(d).removeprefix("torch.") for d in ops.SUPPORTED_DTYPES)
+        why = " (tl.dot on bf16 is wrong under the Triton interpreter)" if ops.INTERPRETED else ""
+        raise ValueError(f"backend='triton' computes in {names}, got {dtype}{why}; {_TORCH_INSTEAD}.")
+    return "triton"
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """Forward and the input-gradient product on one backend. The weight is frozen, so it gets
+    no gradient; backward gathers it again rather than keeping ``W[idx]`` alive from the forward."""
+
+    @staticmethod
+    def forward(
+        ctx, kind: Kind, a: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None, ops: ModuleType
+    ) -> Tensor:
+        if bias is not None:
+            ctx.bias_dtype, ctx.bias_len = bias.dtype, bias.numel()
+            bias = (bias.index_select(0, idx) if kind == "rows" else bias).to(a.dtype)
+        ctx.kind, ctx.ops = kind, ops
+        ctx.save_for_backward(w, idx)
+        forward = ops.rows_forward if kind == "rows" else ops.cols_forward
+        return forward(a, w, idx, bias)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
+        w, idx = ctx.saved_tensors
+        grad_a = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            input_grad = ctx.ops.rows_input_grad if ctx.kind == "rows" else ctx.ops.cols_input_grad
+            grad_a = input_grad(g, w, idx)
+        if ctx.needs_input_grad[4]:
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
+            if ctx.kind == "rows":  # dropped output channels get no gradient, as in the dense model
+                grad_bias = grad_bias.new_zeros(ctx.bias_len).index_copy_(0, idx, grad_bias)
+        return None, grad_a, None, None, grad_bias, None
+
+
+def _check_idx(idx: Tensor, limit: int, device: torch.device, check_values: bool) -> None:
+    if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
+        got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, Tensor) else type(idx).__name__
+        raise ValueError(f"idx must be a 1-D int64 tensor, got {got}; use dtype=torch.long")
+    if idx.device != device:
+        raise ValueError(f"idx is on {idx.device} but the weight is on {device}: pass idx.to(weight.device)")
+    if not check_values or idx.numel() == 0:
+        return
+    lo, hi = torch.aminmax(idx)
+    out_of_range, unsorted = torch.stack([(lo < 0) | (hi >= limit), (idx[1:] <= idx[:-1]).any()]).tolist()
+    if out_of_range:
+        raise ValueError(f"idx has values outside [0, {limit}): min {int(lo)}, max {int(hi)}")
+    if unsorted:
+        raise ValueError("idx must be sorted and unique: pass torch.unique(idx) (it sorts)")
+
+
+def _check_operands(kind: Kind, a: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None) -> None:
+    if not a.is_floating_point() or a.dim() == 0:
+        raise ValueError(
+            "the activation must be a floating-point tensor of shape (..., features), "
+            f"got {a.dtype} {tuple(a.shape)}"
+        )
+    if a.device != w.device:
+        raise ValueError(f"the activation is on {a.device} but the weight is on {w.device}")
+    width = w.shape[1] if kind == "rows" else idx.numel()
+    if a.shape[-1] != width:
+        what = "in_features" if kind == "rows" else "len(idx)"
+        raise ValueError(f"{kind}_matmul needs a last dimension of {what} = {width}, got {tuple(a.shape)}")
+    if bias is not None and (bias.shape != (w.shape[0],) or bias.device != w.device):
+        raise ValueError(
+            f"bias must have shape ({w.shape[0]},) on {w.device} (the full layer bias), "
+            f"got {tuple(bias.shape)} on {bias.device}"
+        )
+
+
+def _compute_dtype(a: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtype:
+    """Under autocast, like nn.Linear, compute in the autocast dtype (only the gathered slice of
+    the weight is cast); otherwise every operand must already share one dtype."""
+    if torch.is_autocast_enabled(a.device.type):
+        return torch.get_autocast_dtype(a.device.type)
+    dtypes = {a.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"activation, weight and bias dtypes differ ({sorted(map(str, dtypes))}): "
+            "cast them, or run under torch.autocast"
+        )
+    return a.dtype
+
+
+def sparse_matmul(
+    kind: Kind,
+    a: Tensor,
+    weight: Tensor,
+    idx: Tensor,
+    bias: Tensor | None = None,
+    *,
+    transposed: bool = False,
+    backend: Backend = "auto",
+    check_idx: bool = True,
+) -> Tensor:
+    """``kind="rows"``: ``a @ W[idx].T + bias[idx]`` (only output channels ``idx``);
+    ``kind="cols"``: ``a @ W[:, idx].T + bias`` (``a`` holds only input channels ``idx``).
+
+    ``weight`` is a frozen ``(out, in)`` matrix, or ``(in, out)`` with ``transposed=True``
+    (GPT-2 ``Conv1D``), read through strides without a copy. ``idx`` is a sorted, unique int64
+    tensor on the weight's device; ``check_idx=False`` skips the value checks, which cost one
+    device sync per call on CUDA. Gradients flow to ``a`` and ``bias``, never to ``weight``.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D tensor")
+    if weight.requires_grad:
+        raise ValueError(
+            "frozen weights only: weight.requires_grad is True, and these kernels give no weight "
+            "gradient. Freeze it (weight.requires_grad_(False)) or use F.linear for a trained weight."
+        )
+    w = weight.t() if transposed else weight  # logical (out, in) view
+    _check_idx(idx, w.shape[0] if kind == "rows" else w.shape[1], w.device, check_idx)
+    _check_operands(kind, a, w, idx, bias)
+    dtype = _compute_dtype(a, weight, bias)
+    ops = reference if resolve_backend(backend, a.device, dtype) == "torch" else _triton_ops()
+    flat = a.reshape(a.shape[:-1].numel(), a.shape[-1])  # not -1: a may have 0 features (k = 0)
+    out = _SparseMatmul.apply(kind, flat.to(dtype), w, idx, bias, ops)
+    return out.reshape(*a.shape[:-1], out.shape[-1])
+
+
+def rows_matmul(
+    x: Tensor,
+    weight: Tensor,
+    idx: Tensor,
+    bias: Tensor | None = None,
+    *,
+    transposed: bool = False,
+    backend: Backend = "auto",
+    check_idx: bool = True,
+) -> Tensor:
+    """``x @ W[idx].T (+ bias[idx])``: output channels ``idx`` only, shape ``(..., len(idx))``.
+    For the projections whose outputs are sparsified (gate/up, q/k/v)."""
+    return sparse_matmul("rows", x, weight, idx, bias, transposed=transposed, backend=backend, check_idx=check_idx)
+
+
+def cols_matmul(
+    h: Tensor,
+    weight: Tensor,
+    idx: Tensor,
+    bias: Tensor | None = None,
+    *,
+    transposed: bool = False,
+    backend: Backend = "auto",
+    check_idx: bool = True,
+) -> Tensor:
+    """``h @ W[:, idx].T (+ bias)``: ``h (..., len(idx))`` holds input channels ``idx`` only;
+    shape ``(..., out)``. For the projections that consume them (down_proj, o_proj)."""
+    return sparse_matmul("cols", h, weight, idx, bias, transposed=transposed, backend=backend, check_idx=check_idx)

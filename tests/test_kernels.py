@@ -1,0 +1,265 @@
+"""Gather-GEMM kernels: the torch path against dense masked autograd, the Triton kernels against the
+torch path under the interpreter (in a subprocess), and the dispatcher's rules and refusals.
+
+Run as a script (with TRITON_INTERPRET=1) this file performs the interpreter checks itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import Tensor
+
+import lightning_sft.kernels.reference as reference
+from lightning_sft.kernels import available_backends, cols_matmul, resolve_backend, rows_matmul, sparse_matmul
+
+TOKENS, IN, OUT, K = 37, 50, 70, 23  # ragged on purpose: no dimension is a multiple of 16
+CPU = torch.device("cpu")
+
+
+def _tol(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+
+
+def _case(
+    kind: str,
+    k: int | None,
+    dtype: torch.dtype,
+    transposed: bool,
+    seed: int = 0,
+    tokens: int = TOKENS,
+    n_in: int = IN,
+    n_out: int = OUT,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logical weight (out, in), stored weight, idx, activation, bias); k=None keeps every channel."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n_out, n_in, generator=g) * 0.2).to(dtype)
+    limit = n_out if kind == "rows" else n_in
+    k = limit if k is None else k
+    idx = torch.randperm(limit, generator=g)[:k].sort().values
+    a = torch.randn(tokens, n_in if kind == "rows" else k, generator=g).to(dtype)
+    bias = torch.randn(n_out, generator=g).to(dtype)
+    return w, (w.t().contiguous() if transposed else w), idx, a, bias
+
+
+def _dense_masked(kind: str, a: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None) -> Tensor:
+    """The same function computed densely in autograd, with the dropped channels zeroed."""
+    if kind == "rows":
+        mask = torch.zeros(w.shape[0], dtype=w.dtype).index_fill_(0, idx, 1.0)
+        full = a @ (w * mask[:, None]).T + (0 if bias is None else bias * mask)
+        return full[:, idx]
+    h_full = torch.zeros(a.shape[0], w.shape[1], dtype=a.dtype).index_copy(1, idx, a)
+    return h_full @ w.T + (0 if bias is None else bias)
+
+
+def _run(kind: str, a: Tensor, stored: Tensor, idx: Tensor, bias: Tensor | None, **kw: object) -> tuple:
+    """Output, activation gradient and bias gradient for a random upstream gradient."""
+    a = a.detach().clone().requires_grad_()
+    bias = None if bias is None else bias.detach().clone().requires_grad_()
+    y = sparse_matmul(kind, a, stored, idx, bias, **kw)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype)
+    (y * upstream).sum().backward()
+    return y.detach(), a.grad, None if bias is None else bias.grad
+
+
+# --- torch reference vs dense masked autograd -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["W", "Wt"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("k", [0, K, None], ids=["k0", "k23", "kfull"])
+def test_torch_path_matches_dense_masked_autograd(kind, dtype, transposed, with_bias, k) -> None:
+    w, stored, idx, a, bias = _case(kind, k, dtype, transposed)
+    bias = bias if with_bias else None
+    y, grad_a, grad_bias = _run(kind, a, stored, idx, bias, transposed=transposed, backend="torch")
+
+    # The oracle is fp32 math on the same (possibly fp16-rounded) values.
+    a32 = a.float().requires_grad_()
+    b32 = None if bias is None else bias.float().requires_grad_()
+    y_ref = _dense_masked(kind, a32, w.float(), idx, b32)
+    upstream = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(3)).to(dtype).float()
+    (y_ref * upstream).sum().backward()
+
+    expected_width = idx.numel() if kind == "rows" else OUT
+    assert y.shape == (TOKENS, expected_width) and y.dtype == dtype
+    assert grad_a.shape == a.shape and grad_a.dtype == dtype
+    torch.testing.assert_close(y.float(), y_ref.detach(), **_tol(dtype))
+    torch.testing.assert_close(grad_a.float(), a32.grad, **_tol(dtype))
+    if bias is not None:
+        torch.testing.assert_close(grad_bias.float(), b32.grad, **_tol(dtype))
+
+
+def test_k0_edge_cases_are_defined() -> None:
+    _, w, idx, x, bias = _case("rows", 0, torch.float32, False)
+    assert rows_matmul(x, w, idx, bias).shape == (TOKENS, 0)
+    _, w, idx, h, bias = _case("cols", 0, torch.float32, False)
+    assert torch.equal(cols_matmul(h, w, idx, bias), bias.expand(TOKENS, OUT))
+    assert torch.equal(cols_matmul(h, w, idx), torch.zeros(TOKENS, OUT))
+
+
+def test_leading_dimensions_are_kept() -> None:
+    _, w, idx, _, bias = _case("rows", K, torch.float32, False)
+    x = torch.randn(2, 5, IN)
+    y = rows_matmul(x, w, idx, bias)
+    assert y.shape == (2, 5, K)
+    torch.testing.assert_close(y, x @ w[idx].T + bias[idx])
+    h = torch.randn(2, 5, K)
+    _, w, idx, _, bias = _case("cols", K, torch.float32, False)
+    torch.testing.assert_close(cols_matmul(h, w, idx, bias), h @ w[:, idx].T + bias)
+
+
+def test_transposed_weight_is_read_without_a_copy(monkeypatch) -> None:
+    """The Conv1D layout reaches the backend as a strided view of the same storage."""
+    _, stored, idx, x, _ = _case("rows", K, torch.float32, True)
+    seen = []
+    original = reference.rows_forward
+
+    def spy(x: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None) -> Tensor:
+        seen.append(w)
+        return original(x, w, idx, bias)
+
+    monkeypatch.setattr(reference, "rows_forward", spy)
+    rows_matmul(x, stored, idx, transposed=True)
+    assert seen[0].data_ptr() == stored.data_ptr() and seen[0].shape == (OUT, IN)
+
+
+def test_autocast_computes_in_the_autocast_dtype_and_keeps_fp32_grads() -> None:
+    _, w, idx, x, bias = _case("rows", K, torch.float32, False)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rows_matmul(x, w, idx, bias)
+        expected = torch.nn.functional.linear(x, w[idx], bias[idx])
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+# --- dispatch -------------------------------------------------------------------------------
+
+
+def test_auto_picks_torch_on_cpu() -> None:
+    assert resolve_backend("auto", CPU, torch.float32) == "torch"
+    assert "torch" in available_backends()
+    _, w, idx, x, bias = _case("rows", K, torch.float32, False)
+    assert torch.equal(rows_matmul(x, w, idx, bias), rows_matmul(x, w, idx, bias, backend="torch"))
+
+
+def test_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _, w, idx, x, _ = _case("rows", K, torch.float32, False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        rows_matmul(x, w, idx, backend="triton")
+
+
+def _no_compute(*args: object) -> Tensor:
+    raise AssertionError("compute ran before the arguments were checked")
+
+
+@pytest.mark.parametrize(
+    ("make_idx", "message"),
+    [
+        (lambda: torch.tensor([0, OUT]), "outside"),
+        (lambda: torch.tensor([-1, 3]), "outside"),
+        (lambda: torch.tensor([0, 3], dtype=torch.int32), "int64"),
+        (lambda: torch.tensor([[0, 3]]), "1-D"),
+        (lambda: torch.tensor([3, 0]), "sorted and unique"),
+        (lambda: torch.tensor([3, 3]), "sorted and unique"),
+        (lambda: torch.tensor([0, 3], device="meta"), "device|meta"),
+        (lambda: [0, 3], "1-D int64 tensor"),
+    ],
+    ids=["too-big", "negative", "int32", "2d", "unsorted", "duplicate", "device", "list"],
+)
+def test_bad_idx_raises_before_compute(monkeypatch, make_idx, message) -> None:
+    monkeypatch.setattr(reference, "rows_forward", _no_compute)
+    _, w, _, x, _ = _case("rows", K, torch.float32, False)
+    with pytest.raises(ValueError, match=message):
+        rows_matmul(x, w, make_idx())
+
+
+def test_trainable_weight_is_refused() -> None:
+    _, w, idx, x, _ = _case("rows", K, torch.float32, False)
+    with pytest.raises(ValueError, match="frozen weights only"):
+        rows_matmul(x, w.requires_grad_(), idx)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "diagonal"}, "kind"),
+        ({"backend": "cuda"}, "backend"),
+        ({"a": torch.randn(TOKENS, IN + 1)}, "in_features"),
+        ({"a": torch.randn(TOKENS, IN, dtype=torch.float64)}, "dtypes differ"),
+        ({"bias": torch.randn(K)}, "full layer bias"),
+        ({"weight": torch.zeros(OUT, IN, 1)}, "2-D"),
+    ],
+    ids=["kind", "backend", "width", "dtype", "bias", "weight"],
+)
+def test_bad_arguments_raise_value_error(monkeypatch, kwargs, message) -> None:
+    monkeypatch.setattr(reference, "rows_forward", _no_compute)
+    _, w, idx, x, _ = _case("rows", K, torch.float32, False)
+    args = {"kind": "rows", "a": x, "weight": w, "idx": idx, "bias": None, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        sparse_matmul(**args)
+
+
+# --- Triton kernels under the interpreter -----------------------------------------------------
+
+
+def test_triton_kernels_match_torch_under_the_interpreter() -> None:
+    """TRITON_INTERPRET must be set before the kernels are built, so they run in a fresh process."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "interpreter checks passed" in proc.stdout
+
+
+def _interpreter_checks() -> None:
+    """Every product (both forwards, both input gradients, bias epilogue) against the torch path."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert "triton" in available_backends()
+    assert resolve_backend("auto", CPU, torch.float32) == "torch"
+    assert resolve_backend("triton", CPU, torch.float16) == "triton"
+    assert sys.modules["lightning_sft.kernels.triton_gather"].INTERPRETED
+    start, cases = time.perf_counter(), 0
+    shapes = [(TOKENS, IN, OUT, K), (TOKENS, IN, OUT, None), (1, 16, 16, 1), (5, 20, 9, 0), (0, 20, 9, 4)]
+    for dtype in (torch.float32, torch.float16):
+        for transposed in (False, True):
+            for kind in ("rows", "cols"):
+                for tokens, n_in, n_out, k in shapes:
+                    w, stored, idx, a, bias = _case(kind, k, dtype, transposed, 0, tokens, n_in, n_out)
+                    for with_bias in (False, True):
+                        b = bias if with_bias else None
+                        got = _run(kind, a, stored, idx, b, transposed=transposed, backend="triton")
+                        want = _run(kind, a, stored, idx, b, transposed=transposed, backend="torch")
+                        for name, x, y in zip(("output", "grad_a", "grad_bias"), got, want):
+                            if y is not None:
+                                where = f"{name} {kind} {dtype} {transposed=} {(tokens, n_in, n_out, k)=}"
+                                assert x.dtype == y.dtype and x.shape == y.shape, where
+                                torch.testing.assert_close(x, y, **_tol(dtype), msg=where)
+                        cases += 1
+    # Strided operands: a transposed activation and a stride-0 upstream gradient (from .sum()).
+    _, w, idx, _, bias = _case("rows", K, torch.float32, False)
+    x = torch.randn(IN, TOKENS).t().requires_grad_()
+    rows_matmul(x, w, idx, bias, backend="triton").sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(TOKENS, K) @ w[idx], **_tol(torch.float32))
+    with_bf16 = _case("rows", K, torch.bfloat16, False)
+    try:
+        rows_matmul(with_bf16[3], with_bf16[1], with_bf16[2], backend="triton")
+    except ValueError as err:
+        assert "interpreter" in str(err)
+    else:
+        raise AssertionError("bf16 under the interpreter must be refused")
+    print(f"interpreter checks passed: {cases} cases in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    _interpreter_checks()
