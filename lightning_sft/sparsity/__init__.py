@@ -1,5 +1,6 @@
 """Contextual sparsity for fine-tuning (SparseLoRA): channel estimators, their cache, per-layer
-schedules and FLOPs accounting. Pure logic; the Lightning wiring lives in ``lightning_sft.callbacks``."""
+schedules, FLOPs accounting and the sparse MLP wrappers. Pure torch; the Lightning wiring lives in
+``lightning_sft.callbacks``."""
 
 from lightning_sft.sparsity.blocks import (
     AttentionIndices,
@@ -34,6 +35,15 @@ from lightning_sft.sparsity.schedule import (
     reference_layer,
     resolve_layer_sparsity,
 )
+from lightning_sft.sparsity.sparse_mlp import (
+    SparseGatedMLP,
+    SparsePlainMLP,
+    SparsityState,
+    gated_mlp_block,
+    unwrap_all,
+    wrap_gated_mlps,
+    wrap_plain_mlps,
+)
 from lightning_sft.sparsity.sparse_flops import SparseFlops, attention_projection_flops, mlp_flops
 from lightning_sft.sparsity.svd_cache import LowRankFactors, StaleCacheError, SVDCache, svd_factors
 
@@ -53,7 +63,10 @@ __all__ = [
     "SVDCache",
     "SVDEstimator",
     "SparseFlops",
+    "SparseGatedMLP",
+    "SparsePlainMLP",
     "SparsityPreset",
+    "SparsityState",
     "StaleCacheError",
     "VBlock",
     "attention_indices",
@@ -62,6 +75,7 @@ __all__ = [
     "build_estimator",
     "dense_warmup_steps",
     "expand_kv_channels",
+    "gated_mlp_block",
     "get_strategy",
     "is_dense_step",
     "kept_channels",
@@ -72,4 +86,7 @@ __all__ = [
     "register_strategy",
     "resolve_layer_sparsity",
     "svd_factors",
+    "unwrap_all",
+    "wrap_gated_mlps",
+    "wrap_plain_mlps",
 ]
