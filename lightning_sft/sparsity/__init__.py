@@ -1,6 +1,6 @@
 """Contextual sparsity for fine-tuning (SparseLoRA): channel estimators, their cache, per-layer
-schedules, FLOPs accounting and the sparse MLP wrappers. Pure torch; the Lightning wiring lives in
-``lightning_sft.callbacks``."""
+schedules, FLOPs accounting, the sparse MLP wrappers and the sparse attention hooks. Pure torch;
+the Lightning wiring lives in ``lightning_sft.callbacks``."""
 
 from lightning_sft.sparsity.blocks import (
     AttentionIndices,
@@ -35,6 +35,13 @@ from lightning_sft.sparsity.schedule import (
     reference_layer,
     resolve_layer_sparsity,
 )
+from lightning_sft.sparsity.sparse_attention import (
+    AttentionGeometry,
+    SparseAttentionHooks,
+    attention_hooks,
+    unwrap_attention,
+    wrap_attention,
+)
 from lightning_sft.sparsity.sparse_mlp import (
     SparseGatedMLP,
     SparsePlainMLP,
@@ -50,6 +57,7 @@ from lightning_sft.sparsity.svd_cache import LowRankFactors, StaleCacheError, SV
 __all__ = [
     "PRESETS",
     "AllChannels",
+    "AttentionGeometry",
     "AttentionIndices",
     "Block",
     "ChannelEstimator",
@@ -62,6 +70,7 @@ __all__ = [
     "RandomEstimator",
     "SVDCache",
     "SVDEstimator",
+    "SparseAttentionHooks",
     "SparseFlops",
     "SparseGatedMLP",
     "SparsePlainMLP",
@@ -69,6 +78,7 @@ __all__ = [
     "SparsityState",
     "StaleCacheError",
     "VBlock",
+    "attention_hooks",
     "attention_indices",
     "attention_projection_flops",
     "available_strategies",
@@ -87,6 +97,8 @@ __all__ = [
     "resolve_layer_sparsity",
     "svd_factors",
     "unwrap_all",
+    "unwrap_attention",
+    "wrap_attention",
     "wrap_gated_mlps",
     "wrap_plain_mlps",
 ]

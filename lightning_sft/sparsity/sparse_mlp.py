@@ -57,11 +57,11 @@ def _check_projection(name: str, layer: nn.Module) -> nn.Module:
     if isinstance(layer, LoRALinear) and layer.merged:
         raise ValueError(
             f"{name} is a merged LoRA layer: its base weight holds the adapter, which would be sparsified."
-            " Call unmerge_adapter(model) before using sparse MLPs."
+            " Call unmerge_adapter(model) before using contextual sparsity."
         )
     if type(base) not in (nn.Linear, _conv1d_type()):
         raise TypeError(
-            f"{name} is a {type(base).__name__}; sparse MLPs support plain nn.Linear or transformers Conv1D"
+            f"{name} is a {type(base).__name__}; contextual sparsity supports plain nn.Linear or transformers Conv1D"
             " projections (optionally wrapped in LoRALinear), not quantized or custom layers."
         )
     if base.weight.requires_grad:
