@@ -27,7 +27,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 # Importing the callbacks registers them as Callback subclasses, so jsonargparse resolves the short
 # names in `--trainer.callbacks+=LoRA` as well as full class paths.
 from lightning_sft.adapters import lora_layers, save_adapter
-from lightning_sft.callbacks import EfficiencyMonitor, LoRA
+from lightning_sft.callbacks import ContextualSparsity, EfficiencyMonitor, LoRA
+from lightning_sft.sparsity import available_strategies
 from lightning_sft.summary import format_summary, run_summary
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
@@ -81,8 +82,17 @@ class FeatureFlag:
         return None if value == self.default else self.build(value)
 
 
-# Later features register here, keyed by flag name; each entry becomes an option of every subcommand.
-FEATURE_FLAGS: dict[str, FeatureFlag] = {}
+# Features switched on by one flag, keyed by flag name; each entry becomes an option of every subcommand.
+FEATURE_FLAGS: dict[str, FeatureFlag] = {
+    "--sparsity": FeatureFlag(
+        "--sparsity",
+        help="Contextual sparsity (SparseLoRA) channel strategy with default settings; 'off' disables it."
+        " Tune it with --trainer.callbacks+=ContextualSparsity --trainer.callbacks.mlp_sparsity ... instead.",
+        choices=("off", *available_strategies()),
+        default="off",
+        build=lambda strategy: ContextualSparsity(strategy=strategy),
+    ),
+}
 
 
 def _flag_summary() -> str:

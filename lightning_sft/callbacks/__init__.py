@@ -1,6 +1,7 @@
 """Lightning callbacks: thin wiring of the pure logic into the Trainer."""
 
+from lightning_sft.callbacks.contextual_sparsity import ContextualSparsity
 from lightning_sft.callbacks.efficiency import EfficiencyMonitor
 from lightning_sft.callbacks.lora import LoRA
 
-__all__ = ["EfficiencyMonitor", "LoRA"]
+__all__ = ["ContextualSparsity", "EfficiencyMonitor", "LoRA"]
