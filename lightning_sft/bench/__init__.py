@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from lightning_sft.bench import lora
+from lightning_sft.bench import lora, sparsity
 
-BENCHMARKS: tuple[ModuleType, ...] = (lora,)
+BENCHMARKS: tuple[ModuleType, ...] = (lora, sparsity)
 
 
 def build_parser() -> argparse.ArgumentParser:
