@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from lightning_sft.adapters import LoRAConfig, inject_lora
-from lightning_sft.atomic_io import atomic_path
+from lightning_sft.bench.common import build_llama, int_at_least, run_and_report
 from lightning_sft.bench.timing import interleaved, paired_ratios, summarize
 
 NAME = "lora"
@@ -48,27 +47,15 @@ class LoRABenchSettings:
     seed: int = field(default=0, metadata={"help": "seed for weights, adapters and token ids"})
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: a bad size is a usage error up front, not a traceback after the model is built."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value}")
-        return value
-
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(LoRABenchSettings):
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
-            type=_int_at_least(0 if f.name in ("warmup", "seed") else 1),
+            type=int_at_least(0 if f.name in ("warmup", "seed") else 1),
             default=f.default,
             help=f"{f.metadata['help']} (default {f.default})",
         )
-    parser.add_argument("--threads", type=_int_at_least(1), default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
 
 
@@ -84,35 +71,12 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     settings = LoRABenchSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LoRABenchSettings)})
-    previous_threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        result = benchmark(settings)
-    finally:
-        torch.set_num_threads(previous_threads)
-    print(format_report(result))
-    if args.json is not None:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return run_and_report(args.threads, args.json, lambda: benchmark(settings), format_report)
 
 
 def build_model(settings: LoRABenchSettings) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=settings.vocab,
-        hidden_size=settings.hidden,
-        intermediate_size=settings.intermediate,
-        num_hidden_layers=settings.layers,
-        num_attention_heads=settings.heads,
-        num_key_value_heads=settings.kv_heads,
-        max_position_embeddings=settings.seq,
-        use_cache=False,
-    )
-    torch.manual_seed(settings.seed)
-    return LlamaForCausalLM(config).to(torch.float32).train()
+    return build_llama(settings.vocab, settings.hidden, settings.intermediate, settings.layers, settings.heads,
+                       settings.kv_heads, settings.seq, settings.seed)
 
 
 def build_variants(settings: LoRABenchSettings) -> tuple[nn.Module, nn.Module]:

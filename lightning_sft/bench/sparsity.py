@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,8 +25,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_sft.adapters import LoRAConfig, inject_lora
-from lightning_sft.atomic_io import atomic_path
-from lightning_sft.bench.lora import _int_at_least
+from lightning_sft.bench.common import build_llama, int_at_least, run_and_report
 from lightning_sft.bench.timing import interleaved, paired_ratios, summarize
 from lightning_sft.callbacks.contextual_sparsity import context_mask_from_labels
 from lightning_sft.sparsity import (
@@ -94,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(SparsityBenchSettings):
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
-            type=_int_at_least(0 if f.name in ("warmup", "seed") else 1),
+            type=int_at_least(0 if f.name in ("warmup", "seed") else 1),
             default=f.default,
             help=f"{f.metadata['help']} (default {f.default})",
         )
@@ -103,10 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(VARIANT_NAMES),
         help=f"comma-separated subset of {', '.join(VARIANT_NAMES)}; dense always runs (default: all)",
     )
-    parser.add_argument("--threads", type=_int_at_least(1), default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument(
-        "--profile", type=_int_at_least(0), default=0, metavar="N",
+        "--profile", type=int_at_least(0), default=0, metavar="N",
         help="also print each variant's N most expensive ops (self CPU time of one step; default 0: off)",
     )
 
@@ -121,36 +119,15 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"Unknown variants {unknown}; valid: {', '.join(VARIANT_NAMES)}.")
     names = ["dense", *(name for name in VARIANT_NAMES if name in chosen and name != "dense")]
-    previous_threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        result = benchmark(settings, names, profile_rows=args.profile)
-    finally:
-        torch.set_num_threads(previous_threads)
-    print(format_report(result))
-    if args.json is not None:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return run_and_report(
+        args.threads, args.json, lambda: benchmark(settings, names, profile_rows=args.profile), format_report
+    )
 
 
 def build_base(settings: SparsityBenchSettings) -> nn.Module:
     """Random-init LLaMA with LoRA on all linear layers (base frozen), fp32, training mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=settings.vocab,
-        hidden_size=settings.hidden,
-        intermediate_size=settings.intermediate,
-        num_hidden_layers=settings.layers,
-        num_attention_heads=settings.heads,
-        num_key_value_heads=settings.kv_heads,
-        max_position_embeddings=settings.seq,
-        use_cache=False,
-    )
-    torch.manual_seed(settings.seed)
-    model = LlamaForCausalLM(config).to(torch.float32).train()
+    model = build_llama(settings.vocab, settings.hidden, settings.intermediate, settings.layers, settings.heads,
+                        settings.kv_heads, settings.seq, settings.seed)
     inject_lora(model, LoRAConfig(r=settings.r, alpha=2 * settings.r, target_modules="all-linear"))
     return model
 

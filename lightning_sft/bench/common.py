@@ -1,0 +1,63 @@
+"""What every benchmark command shares: the LLaMA-shaped test model and the run/report wrapper."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_sft.atomic_io import atomic_path
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: a bad size is a usage error up front, not a traceback after the model is built."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value}")
+        return value
+
+    return parse
+
+
+def build_llama(
+    vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, seq: int, seed: int
+) -> nn.Module:
+    """A random-init ``LlamaForCausalLM`` of the given sizes, fp32, in training mode (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=seq,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(torch.float32).train()
+
+
+def run_and_report(
+    threads: int | None, json_path: str | None, measure: Callable[[], dict[str, Any]], report: Callable[[dict], str]
+) -> int:
+    """Run ``measure`` with ``threads`` torch threads (restored afterwards), print, optionally save JSON."""
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        result = measure()
+    finally:
+        torch.set_num_threads(previous_threads)
+    print(report(result))
+    if json_path is not None:
+        with atomic_path(json_path) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
