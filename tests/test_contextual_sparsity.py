@@ -20,6 +20,12 @@ def test_mask_keeps_positions_whose_prediction_is_scored_dense() -> None:
     assert context_mask_from_labels(labels).tolist() == [[True, True, False, False, False, True, True]]
 
 
+def test_padding_is_not_context() -> None:
+    sparsity = ContextualSparsity()
+    batch = {"labels": torch.tensor([[-100, -100, 5, 2, -100]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
+    assert sparsity._context_mask(batch).tolist() == [[True, False, False, True, False]]
+
+
 def _all_context(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.ones_like(batch["input_ids"], dtype=torch.bool)
 

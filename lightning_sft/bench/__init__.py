@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from lightning_sft.bench import lora, sparsity
+from lightning_sft.bench import lora, recall, sparsity
 
-BENCHMARKS: tuple[ModuleType, ...] = (lora, sparsity)
+BENCHMARKS: tuple[ModuleType, ...] = (lora, sparsity, recall)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -144,6 +144,9 @@ class ContextualSparsity(Callback):
             mask = self.token_mask_fn(batch)
         elif isinstance(batch, Mapping) and self.label_key in batch:
             mask = context_mask_from_labels(batch[self.label_key])
+            if isinstance(batch.get("attention_mask"), torch.Tensor):
+                # Padding is neither context nor output: keep it out of the estimator's pooled statistics.
+                mask = mask & batch["attention_mask"].bool()
         else:
             raise ValueError(
                 f"ContextualSparsity found no {self.label_key!r} in the batch, so it cannot tell context from"

@@ -1,0 +1,211 @@
+"""Channel-selection recall of the contextual-sparsity estimators on the shipped pretrained base.
+
+For every decoder layer of ``sft-llama-5m`` and real batches of the embedded arithmetic task's
+validation split, the hidden states entering the MLP and the attention (forward pre-hooks on
+``mlp`` and ``self_attn``) are captured, and each estimator's top-k channels are compared with the
+oracle's (exact projections, same scoring and same structured top-k) via ``recall``. The blocks are
+those the sparse wrappers build: ``gated_mlp_block`` for the MLP, ``QKBlock(balanced=True,
+rotary_pairs=True)`` with ``kept_channels(..., multiple_of=2 * num_kv_heads)`` for Q/K, and
+``VBlock`` with ``kept_channels(...)`` for V. The context mask is ``context_mask_from_labels``
+restricted to real (non-padding) tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from lightning_sft.bench.common import int_at_least, run_and_report
+from lightning_sft.callbacks.contextual_sparsity import context_mask_from_labels
+from lightning_sft.sparsity import QKBlock, VBlock, build_estimator, gated_mlp_block, kept_channels, recall
+
+NAME = "recall"
+HELP = "recall of the estimators' channel choices against the oracle's, per layer, on the shipped pretrained base"
+MODEL = "sft-llama-5m"
+PARTS = ("mlp", "qk", "v")
+TARGET_RANK, TARGET_RECALL = 8, 0.85
+
+
+def _sparsity(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1); got {value}")
+    return value
+
+
+def _ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers; got {text!r}") from error
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1; got {text!r}")
+    return sorted(set(ranks))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sparsity", type=_sparsity, default=0.5, help="fraction of channels skipped (default 0.5)")
+    parser.add_argument("--ranks", type=_ranks, default=[8, 16, 32], help="SVD ranks, comma-separated (default 8,16,32)")
+    parser.add_argument("--batches", type=int_at_least(1), default=8, help="validation batches averaged (default 8)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=16, help="samples per batch (default 16)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="task generation seed (default 0)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``lightning-sft bench recall``."""
+    return run_and_report(
+        args.threads, args.json,
+        lambda: benchmark(args.sparsity, args.ranks, args.batches, args.batch_size, args.seed), format_report,
+    )
+
+
+def _batches(tokenizer: Any, batches: int, batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    from lightning_sft.data.prompt_response import collate, encode
+    from lightning_sft.tasks import generate_splits
+
+    examples = generate_splits(0, batches * batch_size, 0, seed)["val"]
+    encoded = [encode(example, tokenizer, max_length=64) for example in examples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [collate(encoded[i : i + batch_size], pad_id) for i in range(0, len(encoded), batch_size)]
+
+
+def _capture(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Per layer: the hidden states entering ``mlp`` and ``self_attn`` (after their RMSNorms)."""
+    layers = model.model.layers
+    captured: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+
+    def hook(store: dict[str, torch.Tensor], key: str) -> Any:
+        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            store[key] = args[0] if args else kwargs["hidden_states"]
+
+        return pre_hook
+
+    handles = []
+    for layer, store in zip(layers, captured):
+        handles.append(layer.mlp.register_forward_pre_hook(hook(store, "mlp"), with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_pre_hook(hook(store, "attn"), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def benchmark(sparsity: float, ranks: list[int], batches: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_sft.assets import SHIPPED_MODELS
+
+    start = time.perf_counter()
+    path = SHIPPED_MODELS[MODEL]
+    model = AutoModelForCausalLM.from_pretrained(path).to(torch.float32).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    strategies = [f"svd{rank}" for rank in ranks] + ["norm", "random"]
+
+    # One estimator per (layer, part, strategy), prepared once (SVDs) and reused on every batch.
+    layers: list[dict[str, Any]] = []
+    for i, decoder in enumerate(model.model.layers):
+        attn = decoder.self_attn
+        blocks = {
+            "mlp": gated_mlp_block(decoder.mlp, f"layers.{i}.mlp"),
+            "qk": QKBlock(attn.q_proj.weight.detach(), attn.k_proj.weight.detach(), heads, kv_heads,
+                          q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias, balanced=True, rotary_pairs=True),
+            "v": VBlock(attn.v_proj.weight.detach(), kv_heads, v_bias=attn.v_proj.bias),
+        }
+        kv = blocks["v"].num_channels
+        keep = {
+            "mlp": kept_channels(blocks["mlp"].num_channels, sparsity),
+            "qk": kept_channels(kv, sparsity, multiple_of=2 * kv_heads),
+            "v": kept_channels(kv, sparsity),
+        }
+        estimators = {
+            part: {
+                "oracle": build_estimator("oracle", block),
+                **{f"svd{rank}": build_estimator("svd", block, rank=rank) for rank in ranks},
+                "norm": build_estimator("norm", block),
+                "random": build_estimator("random", block),
+            }
+            for part, block in blocks.items()
+        }
+        layers.append({"keep": keep, "estimators": estimators})
+
+    sums = [{part: dict.fromkeys(strategies, 0.0) for part in PARTS} for _ in layers]
+    context_tokens = total_tokens = 0
+    data = _batches(tokenizer, batches, batch_size, seed)
+    for batch in data:
+        mask = context_mask_from_labels(batch["labels"]) & batch["attention_mask"].bool()
+        context_tokens += int(mask.sum())
+        total_tokens += int(batch["attention_mask"].sum())
+        hidden = _capture(model, batch)
+        for layer, inputs, sums_layer in zip(layers, hidden, sums):
+            for part in PARTS:
+                x = inputs["mlp" if part == "mlp" else "attn"]
+                k, estimators = layer["keep"][part], layer["estimators"][part]
+                oracle = estimators["oracle"].select(x, k, mask)
+                for strategy in strategies:
+                    sums_layer[part][strategy] += recall(estimators[strategy].select(x, k, mask), oracle)
+    per_layer = [{part: {s: v / len(data) for s, v in parts[part].items()} for part in PARTS} for parts in sums]
+    mean = {part: {s: sum(row[part][s] for row in per_layer) / len(per_layer) for s in strategies} for part in PARTS}
+    result: dict[str, Any] = {
+        "model": MODEL,
+        "sparsity": sparsity,
+        "ranks": ranks,
+        "batches": len(data),
+        "batch_size": batch_size,
+        "context_tokens": context_tokens,
+        "tokens": total_tokens,
+        "kept": layers[0]["keep"],
+        "channels": {"mlp": config.intermediate_size, "qk": kv, "v": kv},
+        "strategies": strategies,
+        "per_layer": per_layer,
+        "mean": mean,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if TARGET_RANK in ranks:
+        values = [row["mlp"][f"svd{TARGET_RANK}"] for row in per_layer]
+        worst = min(range(len(values)), key=values.__getitem__)
+        result["target"] = {"min": values[worst], "layer": worst, "pass": values[worst] >= TARGET_RECALL}
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    strategies = result["strategies"]
+    kept, channels = result["kept"], result["channels"]
+    lines = [
+        f"Estimator recall vs oracle top-k, {result['model']} (pretrained, fp32), sparsity {result['sparsity']}: "
+        + ", ".join(f"{part.upper()} keeps {kept[part]}/{channels[part]}" for part in PARTS),
+        f"{result['batches']} validation batches x {result['batch_size']} of the embedded arithmetic task; "
+        f"{result['context_tokens']} of {result['tokens']} tokens are context (context_mask_from_labels, padding excluded)",
+        "Q/K: QKBlock(balanced=True, rotary_pairs=True); recall averaged over batches; "
+        f"torch {result['torch']}, {result['threads']} threads, {result['seconds']:.1f} s",
+        "",
+    ]
+    titles = {"mlp": "MLP (gated)", "qk": "Q/K", "v": "V"}
+    rows = [(str(i), row) for i, row in enumerate(result["per_layer"])] + [("mean", result["mean"])]
+    for part in PARTS:
+        lines.append(f"{titles[part]:<12}" + "".join(f"{s:>8}" for s in strategies))
+        for label, row in rows:
+            name = "mean" if label == "mean" else f"layer {label}"
+            lines.append(f"{name:<12}" + "".join(f"{row[part][s]:>8.3f}" for s in strategies))
+        lines.append("")
+    target = result.get("target")
+    if target is None:
+        lines.append(f"target: svd rank {TARGET_RANK} not measured (add {TARGET_RANK} to --ranks)")
+    else:
+        verdict = "PASS" if target["pass"] else "FAIL"
+        lines.append(
+            f"svd rank {TARGET_RANK} MLP recall >= {TARGET_RECALL} on every layer: {verdict} "
+            f"(min {target['min']:.3f} at layer {target['layer']})"
+        )
+    return "\n".join(lines)
