@@ -21,7 +21,7 @@ def structure_record(module: nn.Module) -> dict[str, Any]:
     layers = lora_layers(module).values()
     return {
         "structure": adapter_structure(module),
-        "dropout": max((l.dropout.p if isinstance(l.dropout, nn.Dropout) else 0.0 for l in layers), default=0.0),
+        "dropout": max((layer.dropout_p for layer in layers), default=0.0),
         "use_rslora": any(l.use_rslora for l in layers),
     }
 

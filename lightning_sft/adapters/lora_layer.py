@@ -40,6 +40,11 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.reset_lora_parameters()
 
+    @property
+    def dropout_p(self) -> float:
+        """The adapter-input dropout probability (0 when the layer was built without dropout)."""
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
     def reset_lora_parameters(self) -> None:
         """Kaiming-uniform A and zero B: the adapter starts as an exact no-op."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))

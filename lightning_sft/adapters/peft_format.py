@@ -75,7 +75,7 @@ def save_adapter(module: nn.Module, save_directory: str | os.PathLike) -> Path:
     r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
     alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
     rslora = {layer.use_rslora for layer in layers.values()}
-    dropout = {layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0 for layer in layers.values()}
+    dropout = {layer.dropout_p for layer in layers.values()}
     config = {
         "peft_type": "LORA",
         "task_type": _task_type(root),

@@ -91,8 +91,7 @@ class LoRA(Callback):
             saved = state_dict.get(f"{prefix}{name}.lora_A")
             if saved is not None and saved.shape[0] != layer.r:
                 rank_zero_warn(f"LoRA: {name} has rank {saved.shape[0]} in the checkpoint (configured {layer.r}).")
-                dropout = layer.dropout.p if isinstance(layer.dropout, torch.nn.Dropout) else 0.0
-                resized = LoRALinear(layer.base_layer, saved.shape[0], layer.alpha, dropout, layer.use_rslora)
+                resized = LoRALinear(layer.base_layer, saved.shape[0], layer.alpha, layer.dropout_p, layer.use_rslora)
                 replace_submodule(module, name, resized)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
