@@ -11,11 +11,12 @@ from lightning_sft.adapters import (
     save_adapter,
     unmerge_adapter,
 )
-from lightning_sft.callbacks import ContextualSparsity, EfficiencyMonitor, LoRA
+from lightning_sft.callbacks import AdaptiveRankSearch, ContextualSparsity, EfficiencyMonitor, LoRA
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveRankSearch",
     "ContextualSparsity",
     "EfficiencyMonitor",
     "LoRA",

@@ -7,6 +7,7 @@ classes. ``bench``, ``pretrain`` and ``report`` are plain subcommands. See ``doc
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import json
@@ -27,7 +28,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 # Importing the callbacks registers them as Callback subclasses, so jsonargparse resolves the short
 # names in `--trainer.callbacks+=LoRA` as well as full class paths.
 from lightning_sft.adapters import lora_layers, save_adapter
-from lightning_sft.callbacks import ContextualSparsity, EfficiencyMonitor, LoRA
+from lightning_sft.callbacks import AdaptiveRankSearch, ContextualSparsity, EfficiencyMonitor, LoRA
 from lightning_sft.sparsity import available_strategies
 from lightning_sft.summary import format_summary, run_summary
 
@@ -82,6 +83,28 @@ class FeatureFlag:
         return None if value == self.default else self.build(value)
 
 
+def _rank_search(value: str) -> AdaptiveRankSearch | None:
+    """``--rank-search``: ``off``, ``on`` (default candidates), ``per-module``, or candidate ranks ``4,8,16``."""
+    if value == "off":
+        return None
+    if value in ("on", "per-module"):
+        return AdaptiveRankSearch(per_module=value == "per-module")
+    try:
+        candidates = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise ValueError(f"use off, on, per-module or comma-separated ranks such as 4,8,16; got {value!r}") from None
+    return AdaptiveRankSearch(candidates=candidates)
+
+
+def _rank_search_value(value: str) -> str:
+    """Parser type of ``--rank-search``: a bad value is a usage error, not a traceback at fit time."""
+    try:
+        _rank_search(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 # Features switched on by one flag, keyed by flag name; each entry becomes an option of every subcommand.
 FEATURE_FLAGS: dict[str, FeatureFlag] = {
     "--sparsity": FeatureFlag(
@@ -91,6 +114,15 @@ FEATURE_FLAGS: dict[str, FeatureFlag] = {
         choices=("off", *available_strategies()),
         default="off",
         build=lambda strategy: ContextualSparsity(strategy=strategy),
+    ),
+    "--rank-search": FeatureFlag(
+        "--rank-search",
+        help="Choose the LoRA rank by short trials at fit start (AdaptiveRankSearch): 'on' tries ranks 2-32,"
+        " 'per-module' also spreads the chosen rank's budget over the modules, '4,8,16' tries those ranks; 'off'"
+        " disables it. Tune it with --trainer.callbacks+=AdaptiveRankSearch --trainer.callbacks.trial_steps ... instead.",
+        type=_rank_search_value,
+        default="off",
+        build=_rank_search,
     ),
 }
 
@@ -209,6 +241,9 @@ class SFTCLI(LightningCLI):
         summary = run_summary(
             self.trainer, self.model, self._before, after, monitor, time.perf_counter() - self._started, adapter
         )
+        search = next((cb for cb in self.trainer.callbacks if isinstance(cb, AdaptiveRankSearch)), None)
+        if search is not None and search.record is not None:
+            summary["rank_search"] = search.record
         if self.trainer.is_global_zero:
             (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             print(format_summary(summary))

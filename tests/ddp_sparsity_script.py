@@ -1,4 +1,5 @@
-"""Run by test_contextual_sparsity_resume_ddp: a 2-process CPU (gloo) DDP fit with LoRA + ContextualSparsity.
+"""Run by test_contextual_sparsity_resume_ddp: a 2-process CPU (gloo) DDP fit with LoRA + ContextualSparsity
+(calibrated estimators, mlp_sparsity="auto").
 
 Each rank writes its trained adapter weights to OUT/rank{N}.safetensors and what the sparsity callback
 saw to OUT/rank{N}.json: steps that ran sparse, the FLOPs skipped per step, the last ``sparsity/mean``
@@ -37,10 +38,15 @@ class _Record(pl.Callback):
         self.sparse_steps = 0
         self.skipped_flops: list[float] = []
         self.first_input_ids: list[int] | None = None
+        self.estimator_sums: dict[str, list[float]] = {}
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.first_input_ids is None:
             self.first_input_ids = batch["input_ids"][0].tolist()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        estimators = self.sparsity.state_dict()["estimators"]
+        self.estimator_sums = {key: [float(t.double().sum()) for t in state.values()] for key, state in estimators.items()}
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         self.sparse_steps += int(self.sparsity.state.active)
@@ -51,10 +57,13 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     pl.seed_everything(0)
     module = CausalLM(model="tiny-llama", lr=1e-2)
-    sparsity = ContextualSparsity("svd", 0.5, 0.5, dense_layers=(), dense_warmup=0, token_mask_fn=_all_context)
+    # Two dense warm-up steps calibrate the estimators and choose the "auto" MLP sparsity from
+    # statistics summed over both ranks; three sparse steps follow.
+    sparsity = ContextualSparsity("svd", "auto", 0.5, dense_layers=(), dense_warmup=2, calibration_steps=2,
+                                  token_mask_fn=_all_context)
     record = _Record(sparsity)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=3, callbacks=[LoRA(r=4), sparsity, record],
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=5, callbacks=[LoRA(r=4), sparsity, record],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
@@ -70,5 +79,7 @@ if __name__ == "__main__":
         "skipped_flops": record.skipped_flops,
         "sparsity_mean": float(trainer.callback_metrics["sparsity/mean"]),
         "first_input_ids": record.first_input_ids,
+        "auto_sparsity": sparsity.auto_sparsity,
+        "estimator_sums": record.estimator_sums,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(report))

@@ -290,3 +290,23 @@ def test_own_model_directory_and_jsonl_data_through_the_same_command(tmp_path: P
     assert cli.datamodule.splits["train"][0] == Example("Echo 0:", " 0")
     summary = json.loads((Path(cli.trainer.log_dir) / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["test_acc_after"] is not None
+
+
+def test_per_layer_sparsity_from_a_config_file(tmp_path: Path) -> None:
+    """The documented way to give per-layer settings: a ContextualSparsity entry in a YAML config."""
+    from lightning_sft import ContextualSparsity
+
+    config = tmp_path / "sparsity.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_sft.ContextualSparsity\n"
+        "      init_args:\n"
+        "        mlp_sparsity: {1: 0.5, '2-4': 0.9}\n"
+        "        attn_sparsity: llama3-8b-math10k\n"
+        "        calibration_steps: 4\n"
+    )
+    cli = SFTCLI(args=["--config", str(config), *_trainer_args(tmp_path)], run=False)
+    (sparsity,) = _callbacks_of(cli, ContextualSparsity)
+    assert dict(sparsity.mlp_sparsity) == {1: 0.5, "2-4": 0.9}
+    assert sparsity.attn_sparsity == "llama3-8b-math10k" and sparsity.calibration_steps == 4

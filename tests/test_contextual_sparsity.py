@@ -20,6 +20,11 @@ def test_mask_keeps_positions_whose_prediction_is_scored_dense() -> None:
     assert context_mask_from_labels(labels).tolist() == [[True, True, False, False, False, True, True]]
 
 
+def test_non_token_labels_name_token_mask_fn() -> None:
+    with pytest.raises(ValueError, match="token_mask_fn"):
+        context_mask_from_labels(torch.tensor([1, 0, 1]))
+
+
 def test_padding_is_not_context() -> None:
     sparsity = ContextualSparsity()
     batch = {"labels": torch.tensor([[-100, -100, 5, 2, -100]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}

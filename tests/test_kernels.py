@@ -1,5 +1,6 @@
 """Gather-GEMM kernels: the torch path against dense masked autograd, the Triton kernels against the
-torch path under the interpreter (in a subprocess), and the dispatcher's rules and refusals.
+torch path under the interpreter (in a subprocess), and the dispatcher's rules and refusals; the
+token-row split/merge against boolean indexing, and inside the sparse layers on both of its paths.
 
 Run as a script (with TRITON_INTERPRET=1) this file performs the interpreter checks itself.
 """
@@ -16,7 +17,9 @@ import torch
 from torch import Tensor
 
 import lightning_sft.kernels.reference as reference
+import lightning_sft.kernels.token_rows as token_rows
 from lightning_sft.kernels import available_backends, cols_matmul, resolve_backend, rows_matmul, sparse_matmul
+from lightning_sft.kernels.token_rows import TokenRows
 
 TOKENS, IN, OUT, K = 37, 50, 70, 23  # ragged on purpose: no dimension is a multiple of 16
 CPU = torch.device("cpu")
@@ -121,9 +124,9 @@ def test_transposed_weight_is_read_without_a_copy(monkeypatch) -> None:
     seen = []
     original = reference.rows_forward
 
-    def spy(x: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None) -> Tensor:
+    def spy(x: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None, keep: bool) -> tuple[Tensor, Tensor | None]:
         seen.append(w)
-        return original(x, w, idx, bias)
+        return original(x, w, idx, bias, keep)
 
     monkeypatch.setattr(reference, "rows_forward", spy)
     rows_matmul(x, stored, idx, transposed=True)
@@ -140,6 +143,172 @@ def test_autocast_computes_in_the_autocast_dtype_and_keeps_fp32_grads() -> None:
     torch.testing.assert_close(y, expected)
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols"])
+@pytest.mark.parametrize(("k", "kept"), [(K, True), (None, False)], ids=["k-small", "k-full"])
+def test_torch_backward_reuses_a_small_forward_slice(monkeypatch, kind, k, kept) -> None:
+    """A slice no larger than the bigger activation (k <= tokens here) is kept from the forward; a
+    larger one is gathered again in backward. Both give the dense-masked gradients (tested above)."""
+    w, stored, idx, a, _ = _case(kind, k, torch.float32, False)
+    seen = []
+    name = f"{kind}_input_grad"
+    original = getattr(reference, name)
+
+    def spy(g: Tensor, w: Tensor, idx: Tensor, kept_slice: Tensor | None = None) -> Tensor:
+        seen.append(kept_slice)
+        return original(g, w, idx, kept_slice)
+
+    monkeypatch.setattr(reference, name, spy)
+    a.requires_grad_()
+    sparse_matmul(kind, a, stored, idx, backend="torch").sum().backward()
+    assert (seen[0] is not None) == kept
+    if kept:
+        assert torch.equal(seen[0], w[idx] if kind == "rows" else w[:, idx])
+
+
+def test_no_slice_is_kept_without_an_input_gradient(monkeypatch) -> None:
+    _, w, idx, x, bias = _case("rows", K, torch.float32, False)
+    bias.requires_grad_()
+    seen = []
+    original = reference.rows_forward
+
+    def spy(x: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None, keep: bool) -> tuple[Tensor, Tensor | None]:
+        seen.append(keep)
+        return original(x, w, idx, bias, keep)
+
+    monkeypatch.setattr(reference, "rows_forward", spy)
+    rows_matmul(x, w, idx, bias).sum().backward()
+    assert seen == [False] and bias.grad is not None
+
+
+# --- token rows -------------------------------------------------------------------------------
+
+MASKS = {
+    "prefix": [1] * 7 + [0] * 3,  # one prompt, then its answer
+    "sft-batch": [1, 1, 1, 0, 0, 1, 1, 0, 0, 0],  # two samples: prompt, answer (+ padding)
+    "fragmented": [1, 0] * 5,
+    "ends-context": [0, 0, 1, 1, 1, 0, 1, 1, 1, 1],
+    "all-context": [1] * 10,
+    "no-context": [0] * 10,
+}
+
+
+@pytest.fixture(params=["runs", "positions"])
+def row_path(request, monkeypatch) -> str:
+    """Force TokenRows onto one of its two paths, whatever the width."""
+    monkeypatch.setattr(token_rows, "_RUN_ELEMENTS", 0 if request.param == "runs" else 10**9)
+    return request.param
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("with_columns", [False, True], ids=["rows", "rows+columns"])
+def test_token_rows_split_and_merge_match_boolean_indexing(row_path, mask_name, with_columns) -> None:
+    mask = torch.tensor(MASKS[mask_name], dtype=torch.bool)
+    rows = TokenRows(mask)
+    assert (rows.context_rows, rows.other_rows) == (int(mask.sum()), int((~mask).sum()))
+    g = torch.Generator().manual_seed(0)
+    width = 6
+    columns = torch.tensor([1, 4]) if with_columns else None
+
+    def restrict(t: Tensor) -> Tensor:
+        return t if columns is None else t[:, columns]
+
+    # split: forward is indexing, backward puts each group's gradient back in its rows
+    x = torch.randn(mask.numel(), width, generator=g, requires_grad=True)
+    context, other = rows.split(x, columns)
+    torch.testing.assert_close(context, restrict(x[mask]), rtol=0, atol=0)
+    torch.testing.assert_close(other, x[~mask], rtol=0, atol=0)
+    upstream_c, upstream_o = torch.randn(context.shape, generator=g), torch.randn(other.shape, generator=g)
+    ((context * upstream_c).sum() + (other * upstream_o).sum()).backward()
+    x_ref = x.detach().clone().requires_grad_()
+    ((restrict(x_ref[mask]) * upstream_c).sum() + (x_ref[~mask] * upstream_o).sum()).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+
+    # merge: the inverse, zero in the context rows' other columns
+    context = context.detach().clone().requires_grad_()
+    other = other.detach().clone().requires_grad_()
+    merged = rows.merge(context, other, columns, width)
+    expected = torch.zeros(mask.numel(), width)
+    expected[~mask] = other.detach()
+    if columns is None:
+        expected[mask] = context.detach()
+    else:
+        expected[mask.nonzero().squeeze(1)[:, None], columns] = context.detach()
+    torch.testing.assert_close(merged, expected, rtol=0, atol=0)
+    upstream = torch.randn(merged.shape, generator=g)
+    (merged * upstream).sum().backward()
+    torch.testing.assert_close(context.grad, restrict(upstream[mask]), rtol=0, atol=0)
+    torch.testing.assert_close(other.grad, upstream[~mask], rtol=0, atol=0)
+
+
+def test_token_rows_take_one_run_as_a_view() -> None:
+    rows = TokenRows(torch.tensor(MASKS["prefix"], dtype=torch.bool))
+    x = torch.randn(10, token_rows._RUN_ELEMENTS)  # wide enough for the runs path
+    context, other = rows.split(x)
+    assert context.data_ptr() == x.data_ptr() and other.data_ptr() == x[7:].data_ptr()
+
+
+def test_token_rows_refuse_a_bad_mask_or_shape() -> None:
+    with pytest.raises(ValueError, match="1-D bool"):
+        TokenRows(torch.ones(2, 3, dtype=torch.bool))
+    rows = TokenRows(torch.tensor(MASKS["prefix"], dtype=torch.bool))
+    with pytest.raises(ValueError, match="split needs"):
+        rows.split(torch.randn(9, 4))
+    with pytest.raises(ValueError, match="merge needs"):
+        rows.merge(torch.randn(6, 4), torch.randn(3, 4))
+
+
+def _tiny_sparse_llama(sparse_output_tokens: bool) -> tuple[torch.nn.Module, Tensor]:
+    """A 2-layer LLaMA with LoRA, its MLPs and attention wrapped sparse (oracle), and a mask of
+    several runs per sample as in an SFT batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_sft import LoRAConfig, inject_lora, lora_layers
+    from lightning_sft.sparsity import SparsityState, wrap_attention, wrap_gated_mlps
+    from lightning_sft.sparsity.discovery import find_targets
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    inject_lora(model, LoRAConfig(r=4))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.1)
+    mask = torch.tensor([MASKS["sft-batch"], MASKS["ends-context"]], dtype=torch.bool)
+    state = SparsityState(active=True, context_mask=mask, sparse_output_tokens=sparse_output_tokens)
+    targets = find_targets(model)
+    assert len(wrap_gated_mlps(model, state, "oracle", [0.5, 0.75], targets.mlps)) == 2
+    assert len(wrap_attention(model, state, "oracle", [0.5, 0.5], targets.attentions)) == 2
+    return model, mask
+
+
+@pytest.mark.parametrize("sparse_output_tokens", [False, True])
+def test_sparse_layers_give_the_same_results_on_both_row_paths(monkeypatch, sparse_output_tokens) -> None:
+    """The runs path (views and cat) and the positions path (index_select/index_copy_) feed the
+    same rows in the same order to the same products: bit-identical outputs and gradients. The
+    sparse-layer tests check the positions path (their widths are small) against the dense
+    computation with the dropped channels zeroed."""
+    model, mask = _tiny_sparse_llama(sparse_output_tokens)
+    embeds = torch.randn(*mask.shape, 32, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for path, elements in (("runs", 0), ("positions", 10**9)):
+        monkeypatch.setattr(token_rows, "_RUN_ELEMENTS", elements)
+        model.zero_grad(set_to_none=True)
+        x = embeds.clone().requires_grad_()
+        logits = model(inputs_embeds=x).logits
+        logits.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[path] = (logits.detach(), x.grad, grads)
+    runs, positions = results["runs"], results["positions"]
+    torch.testing.assert_close(runs[0], positions[0], rtol=0, atol=0)
+    torch.testing.assert_close(runs[1], positions[1], rtol=0, atol=0)
+    assert runs[2].keys() == positions[2].keys() and runs[2]
+    for name in runs[2]:
+        torch.testing.assert_close(runs[2][name], positions[2][name], rtol=0, atol=0, msg=name)
 
 
 # --- dispatch -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_sft.adapters.lora_layer import LoRALinear
@@ -82,11 +83,12 @@ def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def inject_lora(root: nn.Module, config: LoRAConfig) -> list[str]:
+def inject_lora(root: nn.Module, config: LoRAConfig, generator: torch.Generator | None = None) -> list[str]:
     """Wrap the targeted layers of ``root`` with LoRA and freeze everything else.
 
     All checks run and all new layers are built before the first swap, so a bad configuration
-    leaves ``root`` untouched.
+    leaves ``root`` untouched. The adapters are drawn from ``generator`` (a CPU generator) if given,
+    else from the global one.
     """
     if lora_layers(root):
         raise RuntimeError(
@@ -97,15 +99,19 @@ def inject_lora(root: nn.Module, config: LoRAConfig) -> list[str]:
     structure = {
         name: {"r": config.rank_for(name), "alpha": config.alpha_for(name)} for name in targets
     }
-    return inject_structure(root, structure, dropout=config.dropout, use_rslora=config.use_rslora)
+    return inject_structure(root, structure, dropout=config.dropout, use_rslora=config.use_rslora, generator=generator)
 
 
 def inject_structure(
-    root: nn.Module, structure: Mapping[str, Mapping[str, Any]], dropout: float = 0.0, use_rslora: bool = False
+    root: nn.Module,
+    structure: Mapping[str, Mapping[str, Any]],
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    generator: torch.Generator | None = None,
 ) -> list[str]:
     """Wrap exactly the named layers with the given per-layer rank and alpha (used to rebuild saved adapters)."""
     built = {
-        name: LoRALinear(root.get_submodule(name), int(spec["r"]), float(spec["alpha"]), dropout, use_rslora)
+        name: LoRALinear(root.get_submodule(name), int(spec["r"]), float(spec["alpha"]), dropout, use_rslora, generator)
         for name, spec in structure.items()
     }
     for param in root.parameters():

@@ -20,7 +20,13 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(
-        self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         in_features, out_features = linear_features(base_layer)
@@ -38,16 +44,23 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=weight.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self.reset_lora_parameters()
+        self.reset_lora_parameters(generator)
 
     @property
     def dropout_p(self) -> float:
         """The adapter-input dropout probability (0 when the layer was built without dropout)."""
         return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
 
-    def reset_lora_parameters(self) -> None:
-        """Kaiming-uniform A and zero B: the adapter starts as an exact no-op."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+    @torch.no_grad()
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Kaiming-uniform A and zero B: the adapter starts as an exact no-op.
+
+        A is drawn on the CPU (from ``generator``, else the global CPU generator) whatever the device,
+        so one seed gives the same adapters on every device, before and after the model moved.
+        """
+        lora_a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
+        self.lora_A.copy_(lora_a)
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

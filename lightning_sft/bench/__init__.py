@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from lightning_sft.bench import lora, recall, sparsity
+from lightning_sft.bench import lora, quality, rank, recall, sparsity
 
-BENCHMARKS: tuple[ModuleType, ...] = (lora, sparsity, recall)
+BENCHMARKS: tuple[ModuleType, ...] = (lora, sparsity, recall, quality, rank)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,8 +11,10 @@ which sees the sliced matmuls the sparse kernels actually run; the wrappers' own
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from lightning_sft.adapters import LoRAConfig, inject_lora
 from lightning_sft.bench.common import build_llama, int_at_least, run_and_report
@@ -69,8 +71,8 @@ VARIANT_NAMES = tuple(_variants(4))
 @dataclass(frozen=True)
 class SparsityBenchSettings:
     """Model and run sizes: the SparseLoRA Math10K protocol (sequence 512, last 128 scored) on a
-    4-layer slice of a LLaMA-1B-like shape. Defaults took 9 minutes on a shared 2-core CPU, 6 of
-    them setup (full SVDs for the estimator factors), 1 the timed rounds."""
+    4-layer slice of a LLaMA-1B-like shape, small enough for a 2-core CPU (see
+    docs/benchmarks.md for the run time)."""
 
     hidden: int = field(default=2048, metadata={"help": "hidden size"})
     intermediate: int = field(default=5632, metadata={"help": "MLP intermediate size"})
@@ -107,6 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile", type=int_at_least(0), default=0, metavar="N",
         help="also print each variant's N most expensive ops (self CPU time of one step; default 0: off)",
     )
+    parser.add_argument(
+        "--svd-cache", default=None, metavar="DIR",
+        help="keep the estimators' SVD factors in DIR and reuse them on the next run (default: a temporary directory)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,7 +126,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"Unknown variants {unknown}; valid: {', '.join(VARIANT_NAMES)}.")
     names = ["dense", *(name for name in VARIANT_NAMES if name in chosen and name != "dense")]
     return run_and_report(
-        args.threads, args.json, lambda: benchmark(settings, names, profile_rows=args.profile), format_report
+        args.threads,
+        args.json,
+        lambda: benchmark(settings, names, profile_rows=args.profile, svd_cache=args.svd_cache),
+        format_report,
     )
 
 
@@ -217,9 +226,28 @@ def train_step(variant: Variant, tokens: torch.Tensor, labels: torch.Tensor, con
     return step
 
 
+def _attention_flops(query: torch.Size, key: torch.Size, value: torch.Size, *_: Any, **__: Any) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _attention_backward_flops(
+    grad_out: torch.Size, query: torch.Size, key: torch.Size, value: torch.Size, *_: Any, **__: Any
+) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that SDPA runs
+# here; without these (torch's formulas for the CUDA kernels) attention would count as free, and
+# the ideal would expect the sparse variants to shrink attention work they do not touch.
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
+}
+
+
 def count_flops(step: Callable[[], float]) -> int:
     """FLOPs of one step as torch dispatches them (matmuls, SDPA), sliced kernels included."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
     with counter:
         step()
     return counter.get_total_flops()
@@ -239,14 +267,23 @@ def top_ops(step: Callable[[], float], rows: int) -> list[dict[str, Any]]:
     ]
 
 
-def benchmark(settings: SparsityBenchSettings, names: list[str], profile_rows: int = 0) -> dict[str, Any]:
-    """Build, count FLOPs of, warm up and time every variant; returns JSON-serialisable results."""
+def benchmark(
+    settings: SparsityBenchSettings, names: list[str], profile_rows: int = 0, svd_cache: str | None = None
+) -> dict[str, Any]:
+    """Build, count FLOPs of, warm up and time every variant; returns JSON-serialisable results.
+    ``svd_cache``: a directory that keeps the estimator factors across runs (a rerun skips their
+    SVDs); None uses a temporary one."""
     import transformers
 
     started = time.perf_counter()
     base = build_base(settings)
     specs = _variants(settings.layers)
-    with tempfile.TemporaryDirectory(prefix="lsft-bench-svd-") as cache:
+    cache_dir: contextlib.AbstractContextManager[str]
+    if svd_cache is None:
+        cache_dir = tempfile.TemporaryDirectory(prefix="lsft-bench-svd-")
+    else:
+        cache_dir = contextlib.nullcontext(svd_cache)
+    with cache_dir as cache:
         variants = {
             name: build_variant(base, name, specs[name][0], specs[name][1], specs[name][2], settings.rank, Path(cache))
             for name in names
@@ -262,7 +299,9 @@ def benchmark(settings: SparsityBenchSettings, names: list[str], profile_rows: i
     profiles = {name: top_ops(step, profile_rows) for name, step in steps.items()} if profile_rows else {}
     for v in variants.values():
         v.estimator_s.clear()
+    load_before = _load_average()
     times = interleaved(steps, steps=settings.steps, warmup=settings.warmup)
+    load = [load_before, _load_average()]
     dense = summarize(times["dense"])
     tokens_per_step = settings.batch * settings.seq
     rows: dict[str, dict[str, Any]] = {}
@@ -298,8 +337,18 @@ def benchmark(settings: SparsityBenchSettings, names: list[str], profile_rows: i
         "variants": rows,
         "headline": HEADLINE if HEADLINE in rows else None,
         "profiles": profiles,
+        "load_average": load if None not in load else None,
         "wall_s": time.perf_counter() - started,
     }
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average, where the OS reports one: other jobs on a shared
+    machine slow the steps they overlap, so the report shows how busy it was."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _verdict(ok: bool) -> str:
@@ -321,10 +370,13 @@ def format_report(result: dict[str, Any]) -> str:
         f"torch {result['versions']['torch']}, transformers {result['versions']['transformers']};"
         f" {s['warmup']} warm-up + {s['steps']} timed rounds, variants alternating; {result['context_tokens']}"
         f" of {s['batch'] * s['seq']} tokens run sparse (context_mask_from_labels)",
-        "FLOPs: FlopCounterMode on one step of each variant (sliced matmuls counted as run); 'analytic' ="
-        " dense - state.skipped_flops",
-        "",
+        "FLOPs: FlopCounterMode on one step of each variant (sliced matmuls counted as run, attention"
+        " included); 'analytic' = dense - state.skipped_flops",
     ]
+    if result["load_average"]:
+        before, after = result["load_average"]
+        lines.append(f"machine load average (1 min) {before:.2f} before the timed rounds, {after:.2f} after")
+    lines.append("")
     for name, v in result["variants"].items():
         lines.append(f"{name:<12} {v['description']}: MLP {_layers(v['mlp_sparsity'])}, attn {_layers(v['attn_sparsity'])}")
     lines += [

@@ -10,24 +10,36 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from lightning_sft.adapters.injection import replace_submodule
 from lightning_sft.flops import report_skipped_flops
 from lightning_sft.sparsity import (
     PRESETS,
+    ChannelEstimator,
     SparsityState,
+    attention_hooks,
     available_strategies,
+    kept_channels,
     resolve_layer_sparsity,
     unwrap_all,
     unwrap_attention,
     wrap_attention,
-    wrap_gated_mlps,
-    wrap_plain_mlps,
+)
+from lightning_sft.sparsity.calibration import (
+    SPARSITY_GRID,
+    InputStatistics,
+    allocate_sparsity,
+    mlp_errors,
+    relative_errors,
 )
 from lightning_sft.sparsity.discovery import find_targets
 from lightning_sft.sparsity.schedule import dense_warmup_steps
 from lightning_sft.tasks.exact_match import IGNORE_INDEX
 
 FLOPS_SOURCE = "contextual_sparsity"
+AUTO = "auto"
 SparsitySpec = float | Mapping[int | str, float] | str
 
 
@@ -38,6 +50,12 @@ def context_mask_from_labels(labels: torch.Tensor) -> torch.Tensor:
     ``labels[t + 1]`` is scored. This keeps the last prompt token (which predicts the first answer
     token) dense, and lets the final position (whose prediction is never scored) go sparse.
     """
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(
+            f"Token labels of shape (batch, seq) are needed to tell context from output tokens, got {shape}"
+            " (e.g. sequence-classification labels): pass token_mask_fn=batch -> BoolTensor (B, S)."
+        )
     scored_next = torch.zeros_like(labels, dtype=torch.bool)
     scored_next[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     return ~scored_next
@@ -49,12 +67,15 @@ class ContextualSparsity(Callback):
     Each training step an estimator picks, per layer, the MLP (and optionally attention) channels
     worth computing from the batch's context tokens; the sliced kernels skip the rest. Output
     tokens, the LoRA branch, the dense warm-up and every validation/test/predict pass stay dense.
+    The last ``calibration_steps`` dense warm-up steps calibrate the estimator to the activations
+    (and, with ``mlp_sparsity="auto"``, choose the per-layer sparsity) at no extra forward cost.
 
     Args:
         strategy: channel estimator (``svd``, ``oracle``, ``norm``, ``random``, ``none``, or one
             registered with ``lightning_sft.sparsity.register_strategy``).
         mlp_sparsity / attn_sparsity: fraction of channels skipped: a float in [0, 1), a
-            ``{layer or "start-end": fraction}`` mapping, or a preset name (``PRESETS``).
+            ``{layer or "start-end": fraction}`` mapping, or a preset name (``PRESETS``);
+            ``mlp_sparsity="auto"`` picks per-layer values from measured sensitivity.
         dense_layers: layer indices kept dense (negative count from the end); ignored for presets,
             which carry their own.
         dense_warmup: dense steps at the start: a fraction of the total in [0, 1) or a step count.
@@ -62,7 +83,13 @@ class ContextualSparsity(Callback):
         estimator_rank: rank of the SVD estimator.
         label_key: batch key of the labels (``-100`` marks context tokens).
         token_mask_fn: ``batch -> BoolTensor (B, S)``, True for tokens to run sparse; overrides labels.
-        cache_dir: where SVD factors are cached between runs (keyed by weight fingerprint).
+        cache_dir: where weight-only SVD factors are cached between runs (keyed by weight
+            fingerprint); needs ``calibration_steps=0``, since calibrated factors depend on the data.
+        calibration_steps: dense warm-up steps (the last ones) whose activations calibrate the
+            estimator (activation-whitened SVD factors) and ``"auto"``; 0 = weight-only factors as
+            in the reference.
+        flops_budget: with ``mlp_sparsity="auto"``, the fraction of the sparse-eligible MLPs'
+            context-token FLOPs to keep (0.5 costs what a uniform 0.5 costs); default 0.5.
     """
 
     def __init__(
@@ -77,18 +104,43 @@ class ContextualSparsity(Callback):
         label_key: str = "labels",
         token_mask_fn: Callable[[Any], torch.Tensor] | None = None,
         cache_dir: str | None = None,
+        calibration_steps: int = 8,
+        flops_budget: float | None = None,
     ) -> None:
         if strategy not in available_strategies():
             raise ValueError(f"Unknown strategy {strategy!r}; valid: {', '.join(available_strategies())}.")
         for name, spec in (("mlp_sparsity", mlp_sparsity), ("attn_sparsity", attn_sparsity)):
+            if spec == AUTO and name == "mlp_sparsity":
+                continue
             if isinstance(spec, str) and spec not in PRESETS:
-                raise ValueError(f"`{name}={spec!r}` is not a preset; valid: {', '.join(sorted(PRESETS))}.")
+                valid = sorted(PRESETS) + ([AUTO] if name == "mlp_sparsity" else [])
+                raise ValueError(f"`{name}={spec!r}` is not a preset; valid: {', '.join(valid)}.")
             resolve_layer_sparsity(spec, 64)  # validates values and ranges before any model exists
         dense_warmup_steps(1000, dense_warmup)  # validates the warm-up spec
         if isinstance(estimator_rank, bool) or not isinstance(estimator_rank, int) or estimator_rank <= 0:
             raise ValueError(f"`estimator_rank` must be a positive integer, got {estimator_rank!r}; 8 is the default.")
         if token_mask_fn is not None and not callable(token_mask_fn):
             raise TypeError("`token_mask_fn` must be a callable batch -> BoolTensor (B, S), True = sparse token.")
+        if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 0:
+            raise ValueError(f"`calibration_steps` must be an integer >= 0, got {calibration_steps!r}; 8 is the default.")
+        if cache_dir is not None and calibration_steps and strategy == "svd":
+            raise ValueError(
+                "`cache_dir` caches weight-only SVD factors, but calibration (calibration_steps > 0) replaces them"
+                " with factors fitted to the activations: pass calibration_steps=0 to use the cache."
+            )
+        if mlp_sparsity == AUTO:
+            if not calibration_steps:
+                raise ValueError("mlp_sparsity='auto' measures sensitivity while calibrating: set calibration_steps >= 1.")
+            flops_budget = 0.5 if flops_budget is None else flops_budget
+            if isinstance(flops_budget, bool) or not isinstance(flops_budget, (int, float)):
+                raise ValueError(f"`flops_budget` must be a number in [0.01, 1], got {flops_budget!r}.")
+            if not 0.01 <= flops_budget <= 1:
+                raise ValueError(
+                    f"`flops_budget` must be in [0.01, 1] (fraction of the MLP context FLOPs kept; 0.01 = 0.99 sparsity"
+                    f" everywhere), got {flops_budget!r}."
+                )
+        elif flops_budget is not None:
+            raise ValueError("`flops_budget` applies to mlp_sparsity='auto' only; pass mlp_sparsity='auto' or drop it.")
         self.strategy = strategy
         self.mlp_sparsity = mlp_sparsity
         self.attn_sparsity = attn_sparsity
@@ -98,9 +150,16 @@ class ContextualSparsity(Callback):
         self.label_key = label_key
         self.token_mask_fn = token_mask_fn
         self.cache_dir = cache_dir
+        self.calibration_steps = calibration_steps
+        self.flops_budget = flops_budget
         self.state = SparsityState(sparse_output_tokens=sparse_output_tokens)
         self.wrapped: list[str] = []
+        self.auto_sparsity: dict[str, float] = {}  # the "auto" choice per MLP, once calibrated
         self._warmup_steps = 0
+        self._calibrating = False
+        self._loaded: dict[str, Any] = {}
+        self._residual_hooks: list[RemovableHandle] = []
+        self._estimator_map: dict[str, tuple[str, ChannelEstimator]] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if sum(isinstance(cb, ContextualSparsity) for cb in trainer.callbacks) > 1:
@@ -110,14 +169,17 @@ class ContextualSparsity(Callback):
 
     def _plan(self, pl_module: pl.LightningModule) -> tuple[Any, list[float], list[float]]:
         targets = find_targets(pl_module)
-        dense = () if isinstance(self.mlp_sparsity, str) else self.dense_layers
-        mlp = resolve_layer_sparsity(self.mlp_sparsity, len(targets.mlps), dense_layers=dense) if targets.mlps else []
+        spec = 1.0 - self.flops_budget if self.mlp_sparsity == AUTO else self.mlp_sparsity  # "auto" starts uniform
+        dense = () if isinstance(spec, str) else self.dense_layers
+        mlp = resolve_layer_sparsity(spec, len(targets.mlps), dense_layers=dense) if targets.mlps else []
         attn: list[float] = []
         if targets.attentions:
             dense = () if isinstance(self.attn_sparsity, str) else self.dense_layers
             attn = resolve_layer_sparsity(self.attn_sparsity, len(targets.attentions), part="attn", dense_layers=dense)
         if any(attn) and not targets.attentions:
             raise TypeError("attn_sparsity > 0 needs attention modules with separate q/k/v/o projections.")
+        if self.mlp_sparsity == AUTO and not any(mlp):
+            raise ValueError("mlp_sparsity='auto' found no MLP outside dense_layers to make sparse.")
         if not any(mlp) and not any(attn):
             rank_zero_warn("ContextualSparsity: every layer has sparsity 0, so training stays dense.")
         return targets, mlp, attn
@@ -126,18 +188,163 @@ class ContextualSparsity(Callback):
         # After every callback's setup (so LoRA has frozen the base, whatever the callback order);
         # wrapping adds no parameters, so the optimizer built since then is unaffected.
         targets, mlp, attn = self._plan(pl_module)
+        self._warmup_steps = dense_warmup_steps(int(trainer.estimated_stepping_batches), self.dense_warmup)
+        if self.mlp_sparsity == AUTO and self._warmup_steps == 0:
+            raise ValueError(
+                "mlp_sparsity='auto' calibrates during the dense warm-up, which is 0 steps here: set dense_warmup"
+                f" to at least calibration_steps={self.calibration_steps} steps (an int) or a larger fraction."
+            )
+        calibrate = self.calibration_steps > 0 and self._warmup_steps > 0
+        if self.calibration_steps and not self._warmup_steps:
+            rank_zero_warn("ContextualSparsity: no dense warm-up step to calibrate from; the estimator uses the weights only.")
         options: dict[str, Any] = {}
         if self.strategy == "svd":
-            options = {"rank": self.estimator_rank, "cache": Path(self.cache_dir) if self.cache_dir else None}
-        wrap_mlps = wrap_gated_mlps if targets.mlp_kind == "gated" else wrap_plain_mlps
-        self.wrapped = wrap_mlps(pl_module, self.state, self.strategy, mlp, targets.mlps, **options) if any(mlp) else []
+            cache = Path(self.cache_dir) if self.cache_dir else None
+            options = {"rank": self.estimator_rank, "cache": cache, "calibrated": calibrate}
+        self.wrapped = targets.wrap_mlps(pl_module, self.state, self.strategy, mlp, **options) if any(mlp) else []
         if any(attn):
             self.wrapped += wrap_attention(pl_module, self.state, self.strategy, attn, targets.attentions, **options)
-        self._warmup_steps = dense_warmup_steps(int(trainer.estimated_stepping_batches), self.dense_warmup)
+        self._estimator_map = self._estimators(pl_module)
+        learns = any(type(e).calibrate is not ChannelEstimator.calibrate for _, e in self._estimator_map.values())
+        self._calibrating = calibrate and (learns or self.mlp_sparsity == AUTO)
+        if self._calibrating and self.mlp_sparsity == AUTO:
+            self._track_residuals(pl_module)
+        if self._loaded:
+            self._restore(pl_module)
+        calibrating = min(self.calibration_steps, self._warmup_steps) if self._calibrating else 0
         rank_zero_info(
             f"ContextualSparsity: {self.strategy} on {len(self.wrapped)} modules; dense for the first"
-            f" {self._warmup_steps} steps."
+            f" {self._warmup_steps} steps" + (f", calibrating on the last {calibrating}." if calibrating else ".")
         )
+
+    # -- the wrapped modules -------------------------------------------------------------------------
+
+    def _mlp_wrappers(self, pl_module: nn.Module) -> dict[str, Any]:
+        modules = {name: pl_module.get_submodule(name) for name in self.wrapped}
+        return {name: module for name, module in modules.items() if hasattr(module, "dropped_output")}
+
+    def _estimators(self, pl_module: nn.Module) -> dict[str, tuple[str, ChannelEstimator]]:
+        """Every estimator by a stable key (the MLP name, or ``<attention>.qk`` / ``<attention>.v``),
+        with the name of the module whose inputs it scores."""
+        estimators: dict[str, tuple[str, ChannelEstimator]] = {}
+        for name in self.wrapped:
+            module = pl_module.get_submodule(name)
+            hooks = attention_hooks(module)
+            if hooks is not None:
+                estimators[f"{name}.qk"] = (name, hooks.qk_estimator)
+                estimators[f"{name}.v"] = (name, hooks.v_estimator)
+            else:
+                estimators[name] = (name, module.estimator)
+        return estimators
+
+    def _set_mlp_sparsity(self, pl_module: nn.Module, sparsity: dict[str, float]) -> None:
+        """Apply an "auto" choice: new kept counts; a layer chosen dense gets its original module back."""
+        wrappers = self._mlp_wrappers(pl_module)
+        if set(sparsity) != set(wrappers):
+            raise ValueError(f"The 'auto' sparsity covers {sorted(sparsity)}, but the wrapped MLPs are {sorted(wrappers)}.")
+        for name, value in sparsity.items():
+            if value == 0.0:
+                replace_submodule(pl_module, name, wrappers[name].original)
+                self.wrapped.remove(name)
+            else:
+                wrappers[name].keep = kept_channels(wrappers[name].intermediate, value)
+        self.auto_sparsity = dict(sparsity)
+        self._estimator_map = self._estimators(pl_module)
+
+    # -- calibration ---------------------------------------------------------------------------------
+
+    def _track_residuals(self, pl_module: nn.Module) -> None:
+        """For "auto": the residual stream after each MLP's layer (its parent's output) sets the scale
+        its error is judged against."""
+        for name in self._mlp_wrappers(pl_module):
+            parent = pl_module.get_submodule(name.rpartition(".")[0])
+
+            def hook(module: nn.Module, args: Any, output: Any, name: str = name) -> None:
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                mask = self.state.context_mask
+                if not self.state.observing or mask is None:
+                    return
+                if not isinstance(out, torch.Tensor) or tuple(out.shape[:2]) != tuple(mask.shape):
+                    raise TypeError(
+                        f"mlp_sparsity='auto' reads the residual stream from the output of {name}'s parent layer, which"
+                        f" returned {type(out).__name__}; use a float or mapping mlp_sparsity for this model."
+                    )
+                self.state.statistics.setdefault(name, InputStatistics()).update_residual(out, mask.to(out.device))
+
+            self._residual_hooks.append(parent.register_forward_hook(hook))
+
+    def _remove_residual_hooks(self) -> None:
+        for handle in self._residual_hooks:
+            handle.remove()
+        self._residual_hooks = []
+
+    def _finish_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reduce the statistics over ranks, fit the estimators, and (for "auto") choose the sparsity."""
+        self._remove_residual_hooks()
+        statistics = self.state.statistics
+        missing = sorted({source for source, _ in self._estimator_map.values()} - set(statistics))
+        if missing:
+            raise RuntimeError(f"ContextualSparsity saw no context token at {missing} while calibrating.")
+
+        def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+            return trainer.strategy.reduce(tensor, reduce_op="sum")
+
+        for stats in statistics.values():
+            stats.reduce(reduce_sum)
+        for source, estimator in self._estimator_map.values():
+            estimator.calibrate(statistics[source].gram, statistics[source].tokens)
+        if self.mlp_sparsity == AUTO:
+            wrappers = self._mlp_wrappers(pl_module)
+            errors = torch.stack([
+                relative_errors(
+                    reduce_sum(mlp_errors(wrapper, statistics[name]).to(statistics[name].gram.device)).cpu(),
+                    statistics[name].residual_sq, statistics[name].residual_tokens,
+                )
+                for name, wrapper in wrappers.items()
+            ])
+            choice = dict(zip(wrappers, allocate_sparsity(errors, self.flops_budget)))
+            self._set_mlp_sparsity(pl_module, choice)
+            rank_zero_info(self._auto_report(errors, choice))
+        self.state.statistics, self.state.observing, self._calibrating = {}, False, False
+
+    def _auto_report(self, errors: torch.Tensor, choice: dict[str, float]) -> str:
+        header = f"ContextualSparsity auto (budget {self.flops_budget:.2f} of the MLP FLOPs): relative error per sparsity"
+        grid = " ".join(f"{s:>8}" for s in SPARSITY_GRID)
+        rows = [
+            f"{name:<40} {' '.join(f'{e:8.1e}' for e in row.tolist())}  -> {choice[name]}"
+            for name, row in zip(choice, errors)
+        ]
+        return "\n".join([header, f"{'layer':<40} {grid}", *rows])
+
+    def _restore(self, pl_module: nn.Module) -> None:
+        """Apply a checkpoint's calibration (estimators, "auto" choice) or its unfinished statistics."""
+        loaded, self._loaded = self._loaded, {}
+        if "estimators" in loaded:
+            if loaded.get("auto_sparsity"):
+                self._set_mlp_sparsity(pl_module, loaded["auto_sparsity"])
+            if set(loaded["estimators"]) != set(self._estimator_map):
+                raise ValueError(
+                    f"The checkpoint's ContextualSparsity state covers {sorted(loaded['estimators'])}, but this model's"
+                    f" sparse modules are {sorted(self._estimator_map)}: resume with the same model and settings."
+                )
+            for key, (_, estimator) in self._estimator_map.items():
+                estimator.load_state_dict(loaded["estimators"][key])
+            self._calibrating = False
+            self._remove_residual_hooks()
+        for name, stats in loaded.get("statistics", {}).items():
+            self.state.statistics[name] = InputStatistics()
+            self.state.statistics[name].load_state_dict(stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._calibrating:
+            return {"statistics": {name: stats.state_dict() for name, stats in self.state.statistics.items()}}
+        if not self.wrapped:
+            return {}
+        estimators = {key: estimator.state_dict() for key, (_, estimator) in self._estimator_map.items()}
+        return {"estimators": estimators, "auto_sparsity": dict(self.auto_sparsity)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = dict(state_dict)
 
     def _context_mask(self, batch: Any) -> torch.Tensor:
         if self.token_mask_fn is not None:
@@ -157,9 +364,13 @@ class ContextualSparsity(Callback):
         return mask
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self.state.reset()
-        self.state.active = bool(self.wrapped) and trainer.global_step >= self._warmup_steps
-        self.state.context_mask = self._context_mask(batch) if self.state.active else None
+        state, step = self.state, trainer.global_step
+        state.reset()
+        if self._calibrating and step >= self._warmup_steps and state.statistics:
+            self._finish_calibration(trainer, pl_module)  # resumed from a checkpoint taken mid-calibration
+        state.observing = self._calibrating and step >= self._warmup_steps - self.calibration_steps
+        state.active = bool(self.wrapped) and step >= self._warmup_steps and not self._calibrating
+        state.context_mask = self._context_mask(batch) if state.active or state.observing else None
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         # The forward has run: its skips (forward and the coming input-gradient products) are known,
@@ -170,15 +381,22 @@ class ContextualSparsity(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        achieved = self.state.layer_sparsity
-        self.state.active, self.state.context_mask = False, None  # validation and anything else: dense
+        state = self.state
+        achieved, observed = state.layer_sparsity, state.observing
+        estimator_time = state.estimator_seconds() if state.active else None
+        state.active, state.observing, state.context_mask = False, False, None  # validation and the rest: dense
+        if observed and trainer.global_step >= self._warmup_steps:
+            self._finish_calibration(trainer, pl_module)
         if not self.wrapped:
             return
         metrics = {f"sparsity/{name}": value for name, value in achieved.items()}
         metrics["sparsity/mean"] = sum(achieved.values()) / len(achieved) if achieved else 0.0
+        if estimator_time is not None:
+            metrics["sparsity/estimator_time"] = estimator_time
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_residual_hooks()
         if stage == "fit" and self.wrapped:
             unwrap_all(pl_module)
             unwrap_attention(pl_module)

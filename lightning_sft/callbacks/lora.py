@@ -58,6 +58,10 @@ class LoRA(Callback):
             alpha_pattern=dict(alpha_pattern or {}),
         )
         self.adapted_modules: list[str] = []
+        # The seed this callback drew the module's adapters from (None if it has others), so that
+        # AdaptiveRankSearch can rebuild them as a run at another rank would have drawn them.
+        self.init_seed: int | None = None
+        self._injected_into: int | None = None
         self._hooked: set[int] = set()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -73,8 +77,14 @@ class LoRA(Callback):
         if existing:
             # A second fit with the same module, or adapters loaded with `load_adapter`: keep them.
             self.adapted_modules = list(existing)
+            if id(pl_module) != self._injected_into:
+                self.init_seed = None
         else:
-            self.adapted_modules = inject_lora(pl_module, self.config)
+            # The adapters come from a generator seeded by one draw of the global RNG, so what the run
+            # draws afterwards (data order, dropout) is the same whatever their ranks.
+            self.init_seed, self._injected_into = int(torch.randint(2**62, ()).item()), id(pl_module)
+            generator = torch.Generator().manual_seed(self.init_seed)
+            self.adapted_modules = inject_lora(pl_module, self.config, generator)
             trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
             total = sum(p.numel() for p in pl_module.parameters())
             rank_zero_info(
@@ -86,13 +96,36 @@ class LoRA(Callback):
             self._hooked.add(id(pl_module))
 
     def _match_checkpoint_ranks(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-        """On resume, resize adapters whose rank in the checkpoint differs: the checkpoint wins."""
+        """On resume, rebuild adapters whose rank or alpha in the checkpoint differs: the checkpoint wins
+        (its alpha as recorded, since a rank search scales alpha with the rank; else the configured one)."""
+        recorded = _loaded_structure(module)
+        changed = []
         for name, layer in lora_layers(module).items():
             saved = state_dict.get(f"{prefix}{name}.lora_A")
-            if saved is not None and saved.shape[0] != layer.r:
-                rank_zero_warn(f"LoRA: {name} has rank {saved.shape[0]} in the checkpoint (configured {layer.r}).")
-                resized = LoRALinear(layer.base_layer, saved.shape[0], layer.alpha, layer.dropout_p, layer.use_rslora)
+            if saved is None:
+                continue
+            rank, alpha = saved.shape[0], float(recorded.get(name, {}).get("alpha", layer.alpha))
+            if rank != layer.r or alpha != layer.alpha:
+                changed.append(
+                    f"{name}: rank {rank} in the checkpoint, alpha {alpha:g} (configured {layer.r}, {layer.alpha:g})"
+                )
+                resized = LoRALinear(layer.base_layer, rank, alpha, layer.dropout_p, layer.use_rslora)
                 replace_submodule(module, name, resized)
+        if changed:
+            rank_zero_warn(
+                f"LoRA: {len(changed)} adapters take their rank and alpha from the checkpoint, e.g. {changed[0]}."
+            )
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = structure_record(pl_module)
+
+
+def _loaded_structure(module: torch.nn.Module) -> dict[str, Any]:
+    """The adapter structure recorded in the checkpoint the module's Trainer is loading, or {}.
+
+    Lightning hands callbacks the checkpoint only after the module's weights are loaded, so this
+    reads the Trainer's loaded checkpoint (a private attribute; {} if it is not there).
+    """
+    trainer = getattr(module, "_trainer", None)
+    loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None) or {}
+    return dict((loaded.get(CHECKPOINT_KEY) or {}).get("structure", {}))

@@ -78,9 +78,18 @@ def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype) 
     return "triton"
 
 
+def _keep_slice(kind: Kind, a: Tensor, w: Tensor, idx: Tensor) -> bool:
+    """Whether a backend that copies ``W[idx]`` keeps it for backward instead of copying again:
+    when it is no larger than the bigger activation of the product (input or output), so the
+    memory it holds stays of the order the step holds anyway. High sparsity keeps, low recopies."""
+    in_width, out_width = (w.shape[1], idx.numel()) if kind == "rows" else (idx.numel(), w.shape[0])
+    return in_width * out_width <= a.shape[0] * max(in_width, out_width)
+
+
 class _SparseMatmul(torch.autograd.Function):
     """Forward and the input-gradient product on one backend. The weight is frozen, so it gets
-    no gradient; backward gathers it again rather than keeping ``W[idx]`` alive from the forward."""
+    no gradient; backward reads it again (the torch backend reuses its forward copy of ``W[idx]``
+    when ``_keep_slice`` allows)."""
 
     @staticmethod
     def forward(
@@ -90,17 +99,19 @@ class _SparseMatmul(torch.autograd.Function):
             ctx.bias_dtype, ctx.bias_len = bias.dtype, bias.numel()
             bias = (bias.index_select(0, idx) if kind == "rows" else bias).to(a.dtype)
         ctx.kind, ctx.ops = kind, ops
-        ctx.save_for_backward(w, idx)
+        keep = ctx.needs_input_grad[1] and _keep_slice(kind, a, w, idx)
         forward = ops.rows_forward if kind == "rows" else ops.cols_forward
-        return forward(a, w, idx, bias)
+        out, kept = forward(a, w, idx, bias, keep)
+        ctx.save_for_backward(w, idx, kept)
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
-        w, idx = ctx.saved_tensors
+        w, idx, kept = ctx.saved_tensors
         grad_a = grad_bias = None
         if ctx.needs_input_grad[1]:
             input_grad = ctx.ops.rows_input_grad if ctx.kind == "rows" else ctx.ops.cols_input_grad
-            grad_a = input_grad(g, w, idx)
+            grad_a = input_grad(g, w, idx, kept)
         if ctx.needs_input_grad[4]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
             if ctx.kind == "rows":  # dropped output channels get no gradient, as in the dense model

@@ -159,21 +159,28 @@ def _gather_mm(
     return out
 
 
-def rows_forward(x: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None) -> Tensor:
+# The reference's signatures: nothing is gathered here, so there is never a slice to keep.
+
+
+def rows_forward(
+    x: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None, keep: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """``x @ w[idx].T + bias``; ``bias`` is already restricted to ``idx``."""
-    return _gather_mm(x, w, idx, idx.numel(), w.stride(1), w.stride(0), True, bias)
+    return _gather_mm(x, w, idx, idx.numel(), w.stride(1), w.stride(0), True, bias), None
 
 
-def rows_input_grad(g: Tensor, w: Tensor, idx: Tensor) -> Tensor:
+def rows_input_grad(g: Tensor, w: Tensor, idx: Tensor, kept: Tensor | None = None) -> Tensor:
     """``g @ w[idx]``."""
     return _gather_mm(g, w, idx, w.shape[1], w.stride(0), w.stride(1), False)
 
 
-def cols_forward(h: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None) -> Tensor:
+def cols_forward(
+    h: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None, keep: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """``h @ w[:, idx].T + bias``."""
-    return _gather_mm(h, w, idx, w.shape[0], w.stride(1), w.stride(0), False, bias)
+    return _gather_mm(h, w, idx, w.shape[0], w.stride(1), w.stride(0), False, bias), None
 
 
-def cols_input_grad(g: Tensor, w: Tensor, idx: Tensor) -> Tensor:
+def cols_input_grad(g: Tensor, w: Tensor, idx: Tensor, kept: Tensor | None = None) -> Tensor:
     """``g @ w[:, idx]``."""
     return _gather_mm(g, w, idx, idx.numel(), w.stride(0), w.stride(1), True)

@@ -43,16 +43,19 @@ from lightning_sft.sparsity.sparse_attention import (
     wrap_attention,
 )
 from lightning_sft.sparsity.sparse_mlp import (
+    MLPLayout,
+    SparseBertMLP,
     SparseGatedMLP,
     SparsePlainMLP,
     SparsityState,
     gated_mlp_block,
     unwrap_all,
+    wrap_bert_mlps,
     wrap_gated_mlps,
     wrap_plain_mlps,
 )
 from lightning_sft.sparsity.sparse_flops import SparseFlops, attention_projection_flops, mlp_flops
-from lightning_sft.sparsity.svd_cache import LowRankFactors, StaleCacheError, SVDCache, svd_factors
+from lightning_sft.sparsity.svd_cache import LowRankFactors, StaleCacheError, SVDCache, svd_factors, whitened_factors
 
 __all__ = [
     "PRESETS",
@@ -64,6 +67,7 @@ __all__ = [
     "GatedMLPBlock",
     "LowRankFactors",
     "MLPBlock",
+    "MLPLayout",
     "NormEstimator",
     "OracleEstimator",
     "QKBlock",
@@ -71,6 +75,7 @@ __all__ = [
     "SVDCache",
     "SVDEstimator",
     "SparseAttentionHooks",
+    "SparseBertMLP",
     "SparseFlops",
     "SparseGatedMLP",
     "SparsePlainMLP",
@@ -96,9 +101,11 @@ __all__ = [
     "register_strategy",
     "resolve_layer_sparsity",
     "svd_factors",
+    "whitened_factors",
     "unwrap_all",
     "unwrap_attention",
     "wrap_attention",
     "wrap_gated_mlps",
+    "wrap_bert_mlps",
     "wrap_plain_mlps",
 ]

@@ -10,14 +10,14 @@ the returned indices. Index maps, scoring rules and the cache format are describ
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from lightning_sft.sparsity.blocks import Block, GatedMLPBlock, MLPBlock, QKBlock
-from lightning_sft.sparsity.svd_cache import LowRankFactors, SVDCache, _check_rank, svd_factors
+from lightning_sft.sparsity.svd_cache import LowRankFactors, SVDCache, _check_rank, svd_factors, whitened_factors
 
 
 def recall(selected_idx: Tensor, oracle_idx: Tensor) -> float:
@@ -106,6 +106,19 @@ class ChannelEstimator(ABC):
     def scores(self, x: Tensor, context_mask: Tensor | None = None) -> Tensor:
         """One score per channel of the block (shape ``(block.num_channels,)``)."""
 
+    def calibrate(self, gram: Tensor, tokens: int) -> None:
+        """Adapt to the block's real inputs: ``gram`` is the sum of ``x x^T`` over ``tokens``
+        context-token inputs seen in the dense warm-up. Default: nothing to adapt."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """What ``calibrate`` learnt, for checkpoints; empty when nothing was learnt."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore ``state_dict()``; this estimator learns nothing, so only an empty state fits."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no calibration state, got keys {sorted(state)}.")
+
     @torch.no_grad()
     def select(self, x: Tensor, k: int, context_mask: Tensor | None = None) -> Tensor:
         """The ``k`` channels to keep for hidden states ``x`` (B, S, H), or pooled (B, H) for MLPs.
@@ -150,19 +163,32 @@ class SVDEstimator(_ActivationEstimator):
     """SparseLoRA's estimator: rank-``rank`` SVD factors of every scored weight, fp32.
 
     With ``cache`` (an ``SVDCache`` or a directory) the factors are built once and reused across
-    runs; ``prepare`` then needs a unique layer ``name`` (it keys the files).
+    runs; ``prepare`` then needs a unique layer ``name`` (it keys the files). With
+    ``calibrated=True`` no factors come from the weights alone: ``calibrate`` builds
+    activation-whitened ones (``whitened_factors``) from the inputs the block actually sees, which
+    rank the channels far closer to the exact activations at the same rank (see
+    ``docs/sparsity_estimators.md``); they live in checkpoints (``state_dict``), not in the cache.
     """
 
-    def __init__(self, rank: int = 8, cache: SVDCache | str | Path | None = None) -> None:
+    def __init__(self, rank: int = 8, cache: SVDCache | str | Path | None = None, calibrated: bool = False) -> None:
         _check_rank(rank)
+        if calibrated and cache is not None:
+            raise ValueError(
+                "calibrated SVD factors depend on the activations seen, so they are kept in checkpoints, not in"
+                " the weight-keyed SVD cache: pass cache=None, or calibrated=False to cache weight-only factors."
+            )
         self.rank = rank
         self.cache = SVDCache(cache) if isinstance(cache, (str, Path)) else cache
+        self.calibrated = calibrated
         self._factors: dict[str, LowRankFactors] = {}
 
     def prepare(self, block: Block, name: str = "") -> None:
         super().prepare(block, name)
         if self.cache is not None and not name:
             raise ValueError("SVDEstimator with a cache needs prepare(block, name=<unique layer name>).")
+        if self.calibrated:
+            self._factors = {}  # built by calibrate()
+            return
         self._factors = {
             key: self.cache.load_or_build(f"{name}.{key}", weight, self.rank)
             if self.cache is not None
@@ -170,7 +196,37 @@ class SVDEstimator(_ActivationEstimator):
             for key, (weight, _) in block.weights().items()
         }
 
+    def calibrate(self, gram: Tensor, tokens: int) -> None:
+        self._factors = {
+            key: whitened_factors(weight, gram, tokens, self.rank) for key, (weight, _) in self.block.weights().items()
+        }
+        self.calibrated = True
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if not self.calibrated:
+            return {}  # weight-only factors are rebuilt (or cached) from the weights
+        return {f"{key}.{part}": getattr(f, part) for key, f in self._factors.items() for part in ("A", "B")}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        if not state:
+            return super().load_state_dict(state)
+        weights = self.block.weights()
+        expected = {f"{key}.{part}" for key in weights for part in ("A", "B")}
+        if set(state) != expected:
+            raise ValueError(f"SVDEstimator state has keys {sorted(state)}, expected {sorted(expected)}.")
+        factors = {key: LowRankFactors(state[f"{key}.A"].float(), state[f"{key}.B"].float()) for key in weights}
+        for key, (weight, _) in weights.items():
+            f = factors[key]
+            if f.A.shape != (weight.shape[1], f.rank) or f.B.shape != (f.rank, weight.shape[0]) or f.rank > self.rank:
+                raise ValueError(
+                    f"SVDEstimator state for {key!r} has factors {tuple(f.A.shape)} x {tuple(f.B.shape)}, which do not"
+                    f" fit a {tuple(weight.shape)} weight at rank <= {self.rank}."
+                )
+        self._factors, self.calibrated = factors, True
+
     def _on(self, key: str, device: torch.device) -> LowRankFactors:
+        if not self._factors:
+            raise RuntimeError("This calibrated SVDEstimator has no factors yet: call calibrate(gram, tokens) first.")
         factors = self._factors[key]
         if factors.A.device != device:
             factors = self._factors[key] = factors.to(device)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_sft.adapters.linear_layers import linear_features, weight_is_transposed
+from lightning_sft.kernels.token_rows import TokenRows
 from lightning_sft.sparsity.blocks import AttentionIndices, QKBlock, VBlock, attention_indices
 from lightning_sft.sparsity.estimators import ChannelEstimator, build_estimator
 from lightning_sft.sparsity.schedule import kept_channels
@@ -66,8 +67,26 @@ class _Plan:
     indices: AttentionIndices
     sparse_pos: Tensor  # flat (batch * seq) positions run sparse
     dense_pos: Tensor
-    inputs: dict[str, Tensor] = field(default_factory=dict)  # full projection input, pre-hook -> hook
+    # per projection, pre-hook -> hook: the input's leading shape and its context rows
+    inputs: dict[str, tuple[torch.Size, Tensor]] = field(default_factory=dict)
     ran: list[str] = field(default_factory=list)
+    rows: TokenRows = field(init=False)
+    _shared: tuple[Tensor, Tensor, Tensor] | None = field(default=None, init=False)  # q/k/v input, its split
+
+    def __post_init__(self) -> None:
+        rows = self.sparse_pos.numel() + self.dense_pos.numel()
+        mask = torch.zeros(rows, dtype=torch.bool, device=self.sparse_pos.device)
+        self.rows = TokenRows(mask.index_fill_(0, self.sparse_pos, True))
+
+    def split(self, role: str, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(context rows, dense rows) of a projection input. o_proj's context rows keep only the
+        V-derived channels it reads; q/k/v share one input, split once (one merge in backward)."""
+        flat = x.reshape(-1, x.shape[-1])
+        if role == "o_proj":
+            return self.rows.split(flat, self.indices.o)
+        if self._shared is None or self._shared[0] is not x:
+            self._shared = (x, *self.rows.split(flat))
+        return self._shared[1], self._shared[2]
 
 
 def _bases(attention: nn.Module, name: str) -> dict[str, nn.Module]:
@@ -174,25 +193,23 @@ class SparseAttentionHooks:
             if getattr(module, role) is not self._projections[role]:
                 self._hook_projection(role)
         state = self.state
-        if not state.active or state.context_mask is None:
+        if state.context_mask is None or not (state.active or state.observing):
             return
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0] if args else None
         if not isinstance(x, Tensor):
             raise TypeError(f"{self.name}: the attention module was called without hidden_states.")
-        mask = state.context_mask.to(x.device)
-        if x.ndim != 3 or mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:2]):
-            raise ValueError(
-                f"{self.name}: state.context_mask must be a bool (batch, seq) tensor matching the attention input"
-                f" {tuple(x.shape)}, got {mask.dtype} {tuple(mask.shape)}."
-            )
+        state.observe(self.name, x)
+        if not state.active:
+            return
+        mask = state.checked_mask(x, self.name)
         flat = mask.reshape(-1)
         if not bool(flat.any()):
             return
         for role, projection in self._projections.items():
             _check_projection(f"{self.name}.{role}", projection)
         g = self.geometry
-        qk_idx = self.qk_estimator.select(x, self.keep_qk, context_mask=mask)
-        v_idx = self.v_estimator.select(x, self.keep_v, context_mask=mask)
+        qk_idx = state.select(self.qk_estimator, x, self.keep_qk, mask)
+        v_idx = state.select(self.v_estimator, x, self.keep_v, mask)
         indices = attention_indices(qk_idx, v_idx, g.num_heads, g.num_kv_heads, g.head_dim)
         if state.sparse_output_tokens:
             flat = flat.new_ones(flat.shape)
@@ -206,27 +223,22 @@ class SparseAttentionHooks:
         if not args or not isinstance(args[0], Tensor):
             raise TypeError(f"{self.name}.{role} must be called with its input as the first positional argument.")
         x = args[0]
-        plan.inputs[role] = x
-        return (x.reshape(-1, x.shape[-1]).index_select(0, plan.dense_pos), *args[1:])
+        context, dense = plan.split(role, x)
+        plan.inputs[role] = (x.shape[:-1], context)
+        return (dense, *args[1:])
 
     def _after_projection(self, role: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
         plan = self._plan
         if plan is None or role not in plan.inputs:
             return None
-        x = plan.inputs.pop(role)
-        context = x.reshape(-1, x.shape[-1]).index_select(0, plan.sparse_pos)
+        lead, context = plan.inputs.pop(role)
         if role == "o_proj":
-            idx = plan.indices.o
-            sparse = _cols(module, context.index_select(1, idx), idx)
-        else:
+            out = plan.rows.merge(_cols(module, context, plan.indices.o), output)
+        else:  # the dropped q/k/v channels of the context rows are zero
             idx = getattr(plan.indices, role[0])
-            kept = _rows(module, context, idx)
-            sparse = kept.new_zeros(kept.shape[0], output.shape[-1]).index_copy(1, idx, kept)
-        out = sparse.new_zeros(x.shape[:-1].numel(), sparse.shape[-1]).index_copy(0, plan.sparse_pos, sparse)
-        if plan.dense_pos.numel():
-            out = out.index_copy(0, plan.dense_pos, output.to(out.dtype))
+            out = plan.rows.merge(_rows(module, context, idx), output, idx, output.shape[-1])
         plan.ran.append(role)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out.view(*lead, out.shape[-1])
 
     def _after_attention(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         plan, self._plan = self._plan, None

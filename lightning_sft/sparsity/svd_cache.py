@@ -44,6 +44,27 @@ def _check_rank(rank: int) -> None:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
 
 
+_EXACT_SVD_MAX_DIM = 1024
+
+
+def top_singular(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``rank`` singular triplets ``(U_r, S_r, Vh_r)`` of a 2-D fp32/fp64 ``matrix``.
+
+    Exact up to ``min(shape) <= 1024``; above it randomized (``torch.svd_lowrank``, oversampled, 4
+    power iterations), since a full SVD of a 5632 x 2048 weight takes about a minute on a CPU while
+    only 8 triplets are needed. The sketch uses a fixed seed and leaves the global RNG untouched, so
+    factors are reproducible and training randomness does not shift.
+    """
+    r = min(rank, min(matrix.shape))
+    if min(matrix.shape) <= _EXACT_SVD_MAX_DIM:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u[:, :r], s[:r], vh[:r]
+    with torch.random.fork_rng(devices=[matrix.device] if matrix.is_cuda else []):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(matrix, q=min(2 * r + 10, min(matrix.shape)), niter=4)
+    return u[:, :r], s[:r], v[:, :r].T
+
+
 def svd_factors(weight: Tensor, rank: int) -> LowRankFactors:
     """Rank-``rank`` truncated SVD of a frozen ``weight`` (out x in), computed and stored in fp32.
 
@@ -53,10 +74,37 @@ def svd_factors(weight: Tensor, rank: int) -> LowRankFactors:
     _check_rank(rank)
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}.")
-    u, s, vh = torch.linalg.svd(weight.detach().float().T, full_matrices=False)
-    r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    return LowRankFactors((u[:, :r] * root).contiguous().cpu(), (root[:, None] * vh[:r]).contiguous().cpu())
+    u, s, vh = top_singular(weight.detach().float().T, rank)
+    root = s.sqrt()
+    return LowRankFactors((u * root).contiguous().cpu(), (root[:, None] * vh).contiguous().cpu())
+
+
+def whitened_factors(weight: Tensor, gram: Tensor, tokens: int, rank: int, ridge: float = 1e-4) -> LowRankFactors:
+    """Rank-``rank`` factors that best reproduce ``x @ W^T`` on the inputs seen, not ``W`` itself.
+
+    ``gram`` is the sum of ``x x^T`` over ``tokens`` input rows, so ``C = gram / tokens`` is their
+    second moment, with Cholesky factor ``L`` (``C = L L^T``, ridge-regularised by ``ridge`` times
+    its mean diagonal). The error ``E||x (W - M)^T||^2 = ||(W - M) L||_F^2`` is minimal for
+    ``M = (W L)_r L^-1`` (truncated SVD of ``W L``): directions the inputs actually occupy get the
+    rank, unused ones none. With ``W L = U S V^T``: ``A = L^-T V_r S_r^1/2``, ``B = S_r^1/2 U_r^T``.
+    """
+    _check_rank(rank)
+    if weight.ndim != 2 or gram.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(
+            f"gram must be (in, in) = {(weight.shape[1],) * 2} for a weight of shape {tuple(weight.shape)},"
+            f" got {tuple(gram.shape)}."
+        )
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1 (rows summed into gram), got {tokens}.")
+    device = gram.device
+    second = gram.double() / tokens
+    eye = torch.eye(second.shape[0], dtype=second.dtype, device=device)
+    second = second + ridge * second.diagonal().mean().clamp_min(1e-12) * eye
+    chol = torch.linalg.cholesky(second)
+    u, s, vh = top_singular(weight.detach().to(device, torch.float64) @ chol, rank)
+    root = s.sqrt()
+    a = torch.linalg.solve_triangular(chol.T, vh.T, upper=True) * root
+    return LowRankFactors(a.float().contiguous().cpu(), (root[:, None] * u.T).float().contiguous().cpu())
 
 
 class StaleCacheError(ValueError):

@@ -1,0 +1,433 @@
+"""The AdaptiveRankSearch callback: short trials at candidate LoRA ranks at fit start, then the fit at the best.
+
+The trials are a small training loop of their own, not Lightning's: none of the Trainer's loops,
+counters, loggers or optimizers take part, so nothing of theirs needs restoring. What the trials do
+touch (the adapters, other trainable weights and buffers, the global RNG, module modes, ``self.log``)
+is put back, and the adapters at the chosen rank are drawn as a fit at that rank would draw them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.data import sized_len
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.trainer.connectors.data_connector import _process_dataloader, _request_dataloader
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
+
+from lightning_sft.adapters.injection import inject_lora, lora_layers, replace_submodule
+from lightning_sft.callbacks.lora import LoRA
+from lightning_sft.rank_search import (
+    DEFAULT_CANDIDATES,
+    Trial,
+    adapter_params,
+    allocate_ranks,
+    best,
+    component_importance,
+    config_at_ranks,
+    format_table,
+    halving_schedule,
+    score,
+    validate_candidates,
+    validate_count,
+    validate_penalty,
+)
+from lightning_sft.rng import capture_rng, restore_rng
+
+_SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+_ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
+
+
+class AdaptiveRankSearch(Callback):
+    """Choose the LoRA rank at the start of fit with a short trial per candidate (needs ``LoRA``).
+
+    Each trial builds fresh adapters at one rank, trains them ``trial_steps`` optimizer steps with a
+    fresh optimizer from ``configure_optimizers`` on the same batches and random draws as every other
+    trial, and scores them ``val_loss + penalty * p(r)``, ``p(r)`` the adapter parameters relative to
+    the largest candidate. The best rank's adapters are then built as a fit at that rank would build
+    them and the fit proceeds; a resumed fit keeps the checkpoint's choice. See docs/rank_search.md.
+
+    With ``rounds > 1`` the search is successive halving: after each round the better half of the
+    candidates (rounded up) trains again, from scratch, for 3x as many steps, and the last round decides.
+
+    Args:
+        candidates: ranks to try.
+        trial_steps: optimizer steps per trial in the first round (each of ``accumulate_grad_batches`` batches).
+        val_batches: validation batches per trial; the val loss is the mean of ``training_step``'s loss
+            on them, in eval mode without gradients (averaged over processes under DDP).
+        penalty: weight of the relative parameter count, in units of validation loss.
+        per_module: spread the chosen rank's parameter budget over the modules by the importance
+            of their rank components, measured during the largest candidate's longest trial.
+        rounds: rounds of successive halving (1: every candidate once, ``trial_steps`` steps).
+    """
+
+    def __init__(
+        self,
+        candidates: Sequence[int] = DEFAULT_CANDIDATES,
+        trial_steps: int = 50,
+        val_batches: int = 8,
+        penalty: float = 0.1,
+        per_module: bool = False,
+        rounds: int = 2,
+    ) -> None:
+        self.candidates = validate_candidates(candidates)
+        self.trial_steps = validate_count(trial_steps, "trial_steps", "Each trial needs at least one optimizer step.")
+        self.val_batches = validate_count(val_batches, "val_batches", "Each trial is scored on validation batches.")
+        self.penalty = validate_penalty(penalty)
+        if not isinstance(per_module, bool):
+            raise ValueError(f"`per_module` must be True or False; got {per_module!r}.")
+        self.per_module = per_module
+        self.rounds = validate_count(rounds, "rounds", "1 trains every candidate once; 2 (the default) adds a longer round.")
+        self.schedule = halving_schedule(len(self.candidates), self.rounds, self.trial_steps)
+        # The choice and the trial table; restored from checkpoints so a resumed fit does not search again.
+        self.record: dict[str, Any] | None = None
+        self._log_pending = False
+
+    # -- Lightning hooks ---------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        count = sum(isinstance(cb, AdaptiveRankSearch) for cb in trainer.callbacks)
+        if count > 1:
+            raise ValueError(f"AdaptiveRankSearch was added {count} times; keep exactly one in `callbacks`.")
+        lora = _lora_callback(trainer)
+        if type(trainer.strategy) not in _SUPPORTED_STRATEGIES:
+            raise RuntimeError(
+                f"AdaptiveRankSearch supports one device and DDP, not {type(trainer.strategy).__name__}."
+                " Use strategy='ddp' (or 'auto' on one device)."
+            )
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "AdaptiveRankSearch trains its trials as Lightning's automatic optimization does; this module sets"
+                " `automatic_optimization = False`. Choose the rank by hand with LoRA(r=...)."
+            )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise RuntimeError(
+                "AdaptiveRankSearch does not support fp16 gradient scaling yet (precision='16-mixed' on GPU);"
+                " use precision='bf16-mixed' or '32-true'."
+            )
+        if lora.config.rank_pattern:
+            rank_zero_warn("AdaptiveRankSearch sets every adapter's rank; the LoRA callback's rank_pattern is ignored.")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After strategy setup: the model is on its device (wrapped under DDP) and the optimizers exist.
+        if self.record is not None:
+            self._check_choice(pl_module)  # a resumed or repeated fit keeps its choice
+            return
+        if trainer.ckpt_path is not None:
+            rank_zero_warn("AdaptiveRankSearch: the checkpoint holds no rank-search choice; keeping its ranks.")
+            return
+        lora = _lora_callback(trainer)
+        # Adapters LoRA injected before fit (e.g. for a test pass) are still untrained: B is zero until a step.
+        trained = any(bool(layer.lora_B.any()) for layer in lora_layers(pl_module).values())
+        if lora.init_seed is None or trained:
+            rank_zero_warn(
+                "AdaptiveRankSearch: the module's adapters were trained or loaded before this fit; keeping them"
+                " instead of searching."
+            )
+            return
+        self.record = self._search(trainer, pl_module, lora)
+        self._log_pending = True
+        rank_zero_info(format_table(self.record))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._log_pending or self.record is None:
+            return
+        self._log_pending = False
+        # Epoch-level, so loggers get them whatever log_every_n_steps is (a step-0 value would be dropped).
+        for key in ("rank", "params", "trial_steps", "val_batches", "trial_seconds"):
+            pl_module.log(f"rank_search/{key}", float(self.record[key]), on_step=False, on_epoch=True, batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.record is None else {"record": self.record}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.record = state_dict.get("record")
+
+    # -- the search ----------------------------------------------------------------------------------------
+
+    def _check_choice(self, pl_module: pl.LightningModule) -> None:
+        assert self.record is not None
+        ranks = {name: layer.r for name, layer in lora_layers(pl_module).items()}
+        if ranks != self.record["ranks"]:
+            raise RuntimeError(
+                "The adapters' ranks differ from the rank-search choice this callback holds (from a checkpoint or"
+                " an earlier fit). Resume with the same LoRA settings, or use a new AdaptiveRankSearch."
+            )
+
+    def _search(self, trainer: pl.Trainer, pl_module: pl.LightningModule, lora: LoRA) -> dict[str, Any]:
+        started = time.perf_counter()
+        train, val = self._loaders(trainer)
+        layers = lora_layers(pl_module)
+        targets = list(layers)
+        shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+        largest = adapter_params(shapes, self.candidates[-1])
+        at_fit_start = capture_rng()
+        snapshot = _touched_state(pl_module)
+        importance: dict[str, torch.Tensor] = {}
+        trials: list[Trial] = []
+        survivors = list(self.candidates)
+        with _trial_mode(pl_module) as modes:
+            for round_, (steps, _) in enumerate(self.schedule):
+                in_round = []
+                for rank in survivors:
+                    began = time.perf_counter()
+                    _restore(snapshot)
+                    _build(pl_module, lora, targets, rank)
+                    restore_rng(at_fit_start)  # every trial: the same data order and dropout draws
+                    collect = None
+                    if self.per_module and rank == self.candidates[-1]:
+                        collect = importance  # the largest rank's longest trial counts
+                        importance.clear()
+                    loss = self._trial(trainer, pl_module, train, val, modes, steps, collect)
+                    params = adapter_params(shapes, rank)
+                    in_round.append(Trial(round_, rank, params, loss, score(loss, params, largest, self.penalty),
+                                          steps, time.perf_counter() - began))
+                trials += in_round
+                following = self.schedule[round_ + 1][1] if round_ + 1 < len(self.schedule) else 1
+                survivors = sorted(t.rank for t in best(in_round, following))
+        _restore(snapshot)
+
+        seconds = _max_over_processes(trainer, [t.seconds for t in trials])
+        trials = [replace(trial, seconds=took) for trial, took in zip(trials, seconds)]
+        (chosen,) = survivors
+        budget = adapter_params(shapes, chosen)
+        ranks = (
+            allocate_ranks({name: value.cpu() for name, value in importance.items()}, shapes, budget)
+            if self.per_module else dict.fromkeys(targets, chosen)
+        )
+        _build(pl_module, lora, targets, ranks)
+        restore_rng(at_fit_start)  # the fit draws what it would have drawn without the trials
+        _rebuild_training(trainer, pl_module)
+        (total,) = _max_over_processes(trainer, [time.perf_counter() - started])
+        return {
+            "candidates": list(self.candidates),
+            "penalty": self.penalty,
+            "per_module": self.per_module,
+            "trials": [trial.to_dict() for trial in trials],
+            "rank": chosen,
+            "ranks": ranks,
+            "params": adapter_params(shapes, ranks),
+            "trial_steps": sum(trial.steps for trial in trials),
+            "val_batches": self.val_batches * len(trials),
+            "val_batches_per_trial": self.val_batches,
+            "trial_seconds": total,
+        }
+
+    def _loaders(self, trainer: pl.Trainer) -> tuple[CombinedLoader, CombinedLoader]:
+        """Fresh train and val loaders as the fit loop builds them (distributed samplers under DDP),
+        checked to hold the batches a trial needs."""
+        accumulate = trainer.accumulate_grad_batches
+        train = _dataloader(trainer, trainer.fit_loop._data_source, RunningStage.TRAINING)
+        val = _dataloader(trainer, trainer.fit_loop.epoch_loop.val_loop._data_source, RunningStage.VALIDATING)
+        longest = self.schedule[-1][0]
+        setting = f"{longest} steps in round {len(self.schedule)}" + (
+            f" x accumulate_grad_batches={accumulate}" if accumulate > 1 else ""
+        )
+        _check_length(trainer, train, longest * accumulate, "training", setting, "trial_steps or rounds")
+        _check_length(trainer, val, self.val_batches, "validation", f"val_batches={self.val_batches}", "val_batches")
+        return train, val
+
+    def _trial(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, train: CombinedLoader, val: CombinedLoader,
+        modes: dict[str, bool], steps: int, importance: dict[str, torch.Tensor] | None,
+    ) -> float:
+        """Train the current adapters ``steps`` steps from a fresh optimizer; their val loss."""
+        optimizers, schedulers = _init_optimizers_and_lr_schedulers(pl_module)
+        (optimizer,) = optimizers  # automatic optimization has exactly one
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        accumulate = trainer.accumulate_grad_batches
+        batches = _take(train, steps * accumulate, "training")
+        for step in range(steps):
+            for _ in range(accumulate):
+                index, batch = next(batches)
+                loss = _loss(trainer, pl_module, batch, index, trainer.precision_plugin.train_step_context)
+                (loss / accumulate).backward()
+            _mean_gradients(trainer, params)
+            if importance is not None:
+                _add_importance(pl_module, importance)
+            pl_module.configure_gradient_clipping(optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for config in schedulers:
+                if config.interval == "step" and not config.reduce_on_plateau and (step + 1) % config.frequency == 0:
+                    config.scheduler.step()
+
+        pl_module.eval()
+        total = torch.zeros((), dtype=torch.float64, device=trainer.strategy.root_device)
+        with torch.no_grad():
+            for index, batch in _take(val, self.val_batches, "validation"):
+                total += _loss(trainer, pl_module, batch, index, trainer.precision_plugin.val_step_context).double()
+        _restore_modes(pl_module, modes)
+        return float(trainer.strategy.reduce(total / self.val_batches, reduce_op="mean"))
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+def _lora_callback(trainer: pl.Trainer) -> LoRA:
+    lora = next((cb for cb in trainer.callbacks if isinstance(cb, LoRA)), None)
+    if lora is None:
+        raise ValueError(
+            "AdaptiveRankSearch chooses the rank of the adapters the LoRA callback injects; add LoRA(...) to"
+            " `callbacks` as well (the CLI adds it unless --no_lora)."
+        )
+    return lora
+
+
+def _build(pl_module: pl.LightningModule, lora: LoRA, targets: list[str], ranks: int | dict[str, int]) -> None:
+    """Replace the adapters by fresh ones at ``ranks``, drawn from the seed LoRA drew its own from, so
+    they are what a run configured with these ranks starts from; the global RNG is not touched."""
+    assert lora.init_seed is not None
+    unfrozen = [p for n, p in pl_module.named_parameters() if p.requires_grad and not n.endswith(_ADAPTER_SUFFIXES)]
+    for name, layer in lora_layers(pl_module).items():
+        replace_submodule(pl_module, name, layer.base_layer)
+    config = config_at_ranks(lora.config, targets, ranks)
+    inject_lora(pl_module, config, torch.Generator().manual_seed(lora.init_seed))
+    for param in unfrozen:  # inject_lora freezes everything else; keep what another callback unfroze
+        param.requires_grad_(True)
+
+
+def _dataloader(trainer: pl.Trainer, source: Any, stage: RunningStage) -> CombinedLoader:
+    """The source's dataloader(s) processed as the fit loop does; several train loaders are zipped
+    (the fit's ``max_size_cycle``), several val loaders read one after another."""
+    if not source.is_defined():
+        raise ValueError(
+            f"AdaptiveRankSearch needs a {stage.dataloader_prefix}_dataloader (trials train on the training data and are"
+            " scored on validation batches); define it in the LightningModule or DataModule, or pass it to fit()."
+        )
+    mode = "max_size_cycle" if stage == RunningStage.TRAINING else "sequential"
+    combined = CombinedLoader(_request_dataloader(source), mode)
+    combined.flattened = [_process_dataloader(trainer, TrainerFn.FITTING, stage, dl) for dl in combined.flattened]
+    return combined
+
+
+def _check_length(
+    trainer: pl.Trainer, loader: CombinedLoader, needed: int, what: str, setting: str, fix: str
+) -> None:
+    lengths = [sized_len(dl) for dl in loader.flattened]
+    if None in lengths:
+        return  # not sized: _take reports it if the data runs out
+    available = max(lengths) if what == "training" else sum(lengths)
+    if needed > available:
+        where = f" on each of {trainer.world_size} processes" if trainer.world_size > 1 else ""
+        raise ValueError(
+            f"AdaptiveRankSearch: a trial needs {needed} {what} batches ({setting}), but the {what} data has"
+            f" {available}{where}. Lower {fix} or use more data."
+        )
+
+
+def _take(loader: CombinedLoader, count: int, what: str) -> Iterator[tuple[int, Any]]:
+    """``count`` batches from a fresh iterator, with their index."""
+    iterator = iter(loader)
+    for index in range(count):
+        try:
+            batch, _, _ = next(iterator)
+        except StopIteration:
+            raise ValueError(
+                f"AdaptiveRankSearch: the {what} data ran out after {index} batches; a trial needs {count}."
+                " Lower trial_steps / rounds / val_batches or use more data."
+            ) from None
+        yield index, batch
+
+
+def _loss(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, index: int, context: Any) -> torch.Tensor:
+    batch = trainer.strategy.batch_to_device(batch)
+    with context():
+        output = pl_module.training_step(batch, index)
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if not isinstance(loss, torch.Tensor):
+        raise RuntimeError(
+            "AdaptiveRankSearch needs training_step to return the loss (a tensor, or a dict with 'loss');"
+            f" it returned {type(output).__name__}."
+        )
+    return loss
+
+
+def _mean_gradients(trainer: pl.Trainer, params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over processes as DDP would (the trials call the module, not the DDP
+    wrapper); one all-reduce of all of them."""
+    if trainer.world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in grads]), reduce_op="mean")
+    for param, piece in zip(params, flat.split([g.numel() for g in grads])):
+        param.grad = piece.view_as(param).to(param.dtype)
+
+
+def _add_importance(pl_module: pl.LightningModule, importance: dict[str, torch.Tensor]) -> None:
+    for name, layer in lora_layers(pl_module).items():
+        if layer.lora_A.grad is None or layer.lora_B.grad is None:
+            continue
+        value = component_importance(layer.lora_A.detach(), layer.lora_B.detach(), layer.lora_A.grad, layer.lora_B.grad)
+        importance[name] = importance[name] + value if name in importance else value
+
+
+def _max_over_processes(trainer: pl.Trainer, values: list[float]) -> list[float]:
+    """The largest value of each position over processes, so every process records the same."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
+    return trainer.strategy.reduce(tensor, reduce_op="max").tolist()
+
+
+def _touched_state(pl_module: pl.LightningModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of what trials may change besides the adapters: other trainable weights (a head some
+    callback unfroze) and buffers (e.g. running statistics)."""
+    tensors = [p for n, p in pl_module.named_parameters() if p.requires_grad and not n.endswith(_ADAPTER_SUFFIXES)]
+    tensors += list(pl_module.buffers())
+    return [(tensor, tensor.detach().clone()) for tensor in tensors]
+
+
+def _restore(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, saved in snapshot:
+            tensor.copy_(saved)
+            tensor.grad = None
+
+
+def _restore_modes(pl_module: pl.LightningModule, modes: dict[str, bool]) -> None:
+    for name, module in pl_module.named_modules():
+        if name in modes:
+            module.training = modes[name]
+
+
+def _ignore(*_: Any, **__: Any) -> None:
+    """``self.log`` during trials: their metrics are not the fit's."""
+
+
+@contextmanager
+def _trial_mode(pl_module: pl.LightningModule) -> Iterator[dict[str, bool]]:
+    """Silence ``log``/``log_dict`` (outside Lightning's loops they would raise) and give back every
+    module's train/eval mode afterwards; yields the modes."""
+    modes = {name: module.training for name, module in pl_module.named_modules()}
+    own = {key: pl_module.__dict__[key] for key in ("log", "log_dict") if key in pl_module.__dict__}
+    pl_module.log = pl_module.log_dict = _ignore
+    try:
+        yield modes
+    finally:
+        for key in ("log", "log_dict"):
+            if key in own:
+                setattr(pl_module, key, own[key])
+            else:
+                delattr(pl_module, key)
+        _restore_modes(pl_module, modes)
+
+
+def _rebuild_training(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """The adapters are new parameters: rebuild what holds parameters, as the strategy's setup does
+    (DDP registers them when it wraps the module; optimizers are built over them)."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy):
+        strategy.model = pl_module
+        strategy.model_to_device()
+        strategy.configure_ddp()
+    strategy.setup_optimizers(trainer)
+    strategy.setup_precision_plugin()
