@@ -11,7 +11,7 @@ from lightning_sft.adapters import (
     save_adapter,
     unmerge_adapter,
 )
-from lightning_sft.callbacks import AdaptiveRankSearch, ContextualSparsity, EfficiencyMonitor, LoRA
+from lightning_sft.callbacks import AdaptiveRankSearch, ContextualSparsity, EfficiencyMonitor, LayerDropout, LoRA
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "AdaptiveRankSearch",
     "ContextualSparsity",
     "EfficiencyMonitor",
+    "LayerDropout",
     "LoRA",
     "LoRAConfig",
     "LoRALinear",

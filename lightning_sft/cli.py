@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 # Importing the callbacks registers them as Callback subclasses, so jsonargparse resolves the short
 # names in `--trainer.callbacks+=LoRA` as well as full class paths.
 from lightning_sft.adapters import lora_layers, save_adapter
-from lightning_sft.callbacks import AdaptiveRankSearch, ContextualSparsity, EfficiencyMonitor, LoRA
+from lightning_sft.callbacks import AdaptiveRankSearch, ContextualSparsity, EfficiencyMonitor, LayerDropout, LoRA
 from lightning_sft.sparsity import available_strategies
 from lightning_sft.summary import format_summary, run_summary
 
@@ -96,13 +96,31 @@ def _rank_search(value: str) -> AdaptiveRankSearch | None:
     return AdaptiveRankSearch(candidates=candidates)
 
 
-def _rank_search_value(value: str) -> str:
-    """Parser type of ``--rank-search``: a bad value is a usage error, not a traceback at fit time."""
+def _layer_dropout(value: str) -> LayerDropout | None:
+    """``--layer-dropout``: ``off``, ``auto`` (the bandit), or a rate in [0, 1)."""
+    if value == "off":
+        return None
+    if value == "auto":
+        return LayerDropout(rate="auto")
     try:
-        _rank_search(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return value
+        rate = float(value)
+    except ValueError:
+        raise ValueError(f"use off, auto or a drop rate in [0, 1) such as 0.2; got {value!r}") from None
+    return LayerDropout(rate=rate)
+
+
+def _usage_error(build: Callable[[str], Callback | None]) -> Callable[[str], str]:
+    """A parser type that builds the flag's callback once, so a bad value is a usage error, not a
+    traceback at fit time."""
+
+    def check(value: str) -> str:
+        try:
+            build(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    return check
 
 
 # Features switched on by one flag, keyed by flag name; each entry becomes an option of every subcommand.
@@ -120,9 +138,18 @@ FEATURE_FLAGS: dict[str, FeatureFlag] = {
         help="Choose the LoRA rank by short trials at fit start (AdaptiveRankSearch): 'on' tries ranks 2-32,"
         " 'per-module' also spreads the chosen rank's budget over the modules, '4,8,16' tries those ranks; 'off'"
         " disables it. Tune it with --trainer.callbacks+=AdaptiveRankSearch --trainer.callbacks.trial_steps ... instead.",
-        type=_rank_search_value,
+        type=_usage_error(_rank_search),
         default="off",
         build=_rank_search,
+    ),
+    "--layer-dropout": FeatureFlag(
+        "--layer-dropout",
+        help="Stochastic layer dropout (LayerDropout): a rate such as 0.2 skips that expected fraction of the blocks"
+        " each training step; 'auto' lets a bandit choose the rate online; 'off' disables it. Tune it with"
+        " --trainer.callbacks+=LayerDropout --trainer.callbacks.schedule ... instead.",
+        type=_usage_error(_layer_dropout),
+        default="off",
+        build=_layer_dropout,
     ),
 }
 

@@ -2,7 +2,8 @@
 
 from lightning_sft.callbacks.contextual_sparsity import ContextualSparsity
 from lightning_sft.callbacks.efficiency import EfficiencyMonitor
+from lightning_sft.callbacks.layer_dropout import LayerDropout
 from lightning_sft.callbacks.lora import LoRA
 from lightning_sft.callbacks.rank_search import AdaptiveRankSearch
 
-__all__ = ["AdaptiveRankSearch", "ContextualSparsity", "EfficiencyMonitor", "LoRA"]
+__all__ = ["AdaptiveRankSearch", "ContextualSparsity", "EfficiencyMonitor", "LayerDropout", "LoRA"]

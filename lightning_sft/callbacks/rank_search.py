@@ -9,8 +9,7 @@ is put back, and the adapters at the chosen rank are drawn as a fit at that rank
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -20,12 +19,12 @@ from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.trainer.connectors.data_connector import _process_dataloader, _request_dataloader
-from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 
 from lightning_sft.adapters.injection import inject_lora, lora_layers, replace_submodule
 from lightning_sft.callbacks.lora import LoRA
+from lightning_sft.callbacks.side_loop import fit_dataloader, outside_the_fit, restore_modes, step_loss, take_batches
 from lightning_sft.rank_search import (
     DEFAULT_CANDIDATES,
     Trial,
@@ -45,6 +44,8 @@ from lightning_sft.rng import capture_rng, restore_rng
 
 _SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 _ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
+_WHO = "AdaptiveRankSearch"
+_FIX = "trial_steps / rounds / val_batches"
 
 
 class AdaptiveRankSearch(Callback):
@@ -177,7 +178,7 @@ class AdaptiveRankSearch(Callback):
         importance: dict[str, torch.Tensor] = {}
         trials: list[Trial] = []
         survivors = list(self.candidates)
-        with _trial_mode(pl_module) as modes:
+        with outside_the_fit(pl_module) as modes:
             for round_, (steps, _) in enumerate(self.schedule):
                 in_round = []
                 for rank in survivors:
@@ -228,8 +229,9 @@ class AdaptiveRankSearch(Callback):
         """Fresh train and val loaders as the fit loop builds them (distributed samplers under DDP),
         checked to hold the batches a trial needs."""
         accumulate = trainer.accumulate_grad_batches
-        train = _dataloader(trainer, trainer.fit_loop._data_source, RunningStage.TRAINING)
-        val = _dataloader(trainer, trainer.fit_loop.epoch_loop.val_loop._data_source, RunningStage.VALIDATING)
+        why = "trials train on the training data and are scored on validation batches"
+        train = fit_dataloader(trainer, trainer.fit_loop._data_source, RunningStage.TRAINING, _WHO, why)
+        val = fit_dataloader(trainer, trainer.fit_loop.epoch_loop.val_loop._data_source, RunningStage.VALIDATING, _WHO, why)
         longest = self.schedule[-1][0]
         setting = f"{longest} steps in round {len(self.schedule)}" + (
             f" x accumulate_grad_batches={accumulate}" if accumulate > 1 else ""
@@ -247,11 +249,11 @@ class AdaptiveRankSearch(Callback):
         (optimizer,) = optimizers  # automatic optimization has exactly one
         params = [p for p in pl_module.parameters() if p.requires_grad]
         accumulate = trainer.accumulate_grad_batches
-        batches = _take(train, steps * accumulate, "training")
+        batches = take_batches(train, steps * accumulate, "training", _WHO, _FIX)
         for step in range(steps):
             for _ in range(accumulate):
                 index, batch = next(batches)
-                loss = _loss(trainer, pl_module, batch, index, trainer.precision_plugin.train_step_context)
+                loss = step_loss(trainer, pl_module, batch, index, trainer.precision_plugin.train_step_context, _WHO)
                 (loss / accumulate).backward()
             _mean_gradients(trainer, params)
             if importance is not None:
@@ -266,9 +268,10 @@ class AdaptiveRankSearch(Callback):
         pl_module.eval()
         total = torch.zeros((), dtype=torch.float64, device=trainer.strategy.root_device)
         with torch.no_grad():
-            for index, batch in _take(val, self.val_batches, "validation"):
-                total += _loss(trainer, pl_module, batch, index, trainer.precision_plugin.val_step_context).double()
-        _restore_modes(pl_module, modes)
+            for index, batch in take_batches(val, self.val_batches, "validation", _WHO, _FIX):
+                context = trainer.precision_plugin.val_step_context
+                total += step_loss(trainer, pl_module, batch, index, context, _WHO).double()
+        restore_modes(pl_module, modes)
         return float(trainer.strategy.reduce(total / self.val_batches, reduce_op="mean"))
 
 
@@ -297,26 +300,12 @@ def _build(pl_module: pl.LightningModule, lora: LoRA, targets: list[str], ranks:
         param.requires_grad_(True)
 
 
-def _dataloader(trainer: pl.Trainer, source: Any, stage: RunningStage) -> CombinedLoader:
-    """The source's dataloader(s) processed as the fit loop does; several train loaders are zipped
-    (the fit's ``max_size_cycle``), several val loaders read one after another."""
-    if not source.is_defined():
-        raise ValueError(
-            f"AdaptiveRankSearch needs a {stage.dataloader_prefix}_dataloader (trials train on the training data and are"
-            " scored on validation batches); define it in the LightningModule or DataModule, or pass it to fit()."
-        )
-    mode = "max_size_cycle" if stage == RunningStage.TRAINING else "sequential"
-    combined = CombinedLoader(_request_dataloader(source), mode)
-    combined.flattened = [_process_dataloader(trainer, TrainerFn.FITTING, stage, dl) for dl in combined.flattened]
-    return combined
-
-
 def _check_length(
     trainer: pl.Trainer, loader: CombinedLoader, needed: int, what: str, setting: str, fix: str
 ) -> None:
     lengths = [sized_len(dl) for dl in loader.flattened]
     if None in lengths:
-        return  # not sized: _take reports it if the data runs out
+        return  # not sized: take_batches reports it if the data runs out
     available = max(lengths) if what == "training" else sum(lengths)
     if needed > available:
         where = f" on each of {trainer.world_size} processes" if trainer.world_size > 1 else ""
@@ -324,33 +313,6 @@ def _check_length(
             f"AdaptiveRankSearch: a trial needs {needed} {what} batches ({setting}), but the {what} data has"
             f" {available}{where}. Lower {fix} or use more data."
         )
-
-
-def _take(loader: CombinedLoader, count: int, what: str) -> Iterator[tuple[int, Any]]:
-    """``count`` batches from a fresh iterator, with their index."""
-    iterator = iter(loader)
-    for index in range(count):
-        try:
-            batch, _, _ = next(iterator)
-        except StopIteration:
-            raise ValueError(
-                f"AdaptiveRankSearch: the {what} data ran out after {index} batches; a trial needs {count}."
-                " Lower trial_steps / rounds / val_batches or use more data."
-            ) from None
-        yield index, batch
-
-
-def _loss(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, index: int, context: Any) -> torch.Tensor:
-    batch = trainer.strategy.batch_to_device(batch)
-    with context():
-        output = pl_module.training_step(batch, index)
-    loss = output.get("loss") if isinstance(output, Mapping) else output
-    if not isinstance(loss, torch.Tensor):
-        raise RuntimeError(
-            "AdaptiveRankSearch needs training_step to return the loss (a tensor, or a dict with 'loss');"
-            f" it returned {type(output).__name__}."
-        )
-    return loss
 
 
 def _mean_gradients(trainer: pl.Trainer, params: list[torch.nn.Parameter]) -> None:
@@ -391,34 +353,6 @@ def _restore(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for tensor, saved in snapshot:
             tensor.copy_(saved)
             tensor.grad = None
-
-
-def _restore_modes(pl_module: pl.LightningModule, modes: dict[str, bool]) -> None:
-    for name, module in pl_module.named_modules():
-        if name in modes:
-            module.training = modes[name]
-
-
-def _ignore(*_: Any, **__: Any) -> None:
-    """``self.log`` during trials: their metrics are not the fit's."""
-
-
-@contextmanager
-def _trial_mode(pl_module: pl.LightningModule) -> Iterator[dict[str, bool]]:
-    """Silence ``log``/``log_dict`` (outside Lightning's loops they would raise) and give back every
-    module's train/eval mode afterwards; yields the modes."""
-    modes = {name: module.training for name, module in pl_module.named_modules()}
-    own = {key: pl_module.__dict__[key] for key in ("log", "log_dict") if key in pl_module.__dict__}
-    pl_module.log = pl_module.log_dict = _ignore
-    try:
-        yield modes
-    finally:
-        for key in ("log", "log_dict"):
-            if key in own:
-                setattr(pl_module, key, own[key])
-            else:
-                delattr(pl_module, key)
-        _restore_modes(pl_module, modes)
 
 
 def _rebuild_training(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,0 +1,89 @@
+"""Running the module outside Lightning's loops: the rank-search trials and the layer-dropout probe.
+
+Both read batches as the fit loop would (distributed samplers under DDP), compute the loss with the
+module's own ``training_step``, and must leave no trace in the fit: ``self.log`` is silenced (its
+metrics are not the fit's, and outside a loop it would raise) and every module's train/eval mode is
+put back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.trainer.connectors.data_connector import _process_dataloader, _request_dataloader
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities import CombinedLoader
+
+
+def fit_dataloader(trainer: pl.Trainer, source: Any, stage: RunningStage, who: str, why: str) -> CombinedLoader:
+    """The source's dataloader(s) processed as the fit loop does; several train loaders are zipped
+    (the fit's ``max_size_cycle``), several val loaders read one after another."""
+    if not source.is_defined():
+        raise ValueError(
+            f"{who} needs a {stage.dataloader_prefix}_dataloader ({why}); define it in the LightningModule or"
+            " DataModule, or pass it to fit()."
+        )
+    mode = "max_size_cycle" if stage == RunningStage.TRAINING else "sequential"
+    combined = CombinedLoader(_request_dataloader(source), mode)
+    combined.flattened = [_process_dataloader(trainer, TrainerFn.FITTING, stage, dl) for dl in combined.flattened]
+    return combined
+
+
+def take_batches(loader: CombinedLoader, count: int, what: str, who: str, fix: str) -> Iterator[tuple[int, Any]]:
+    """``count`` batches from a fresh iterator, with their index; ``fix`` says what to lower if they run out."""
+    iterator = iter(loader)
+    for index in range(count):
+        try:
+            batch, _, _ = next(iterator)
+        except StopIteration:
+            raise ValueError(
+                f"{who}: the {what} data ran out after {index} batches; {count} are needed. Lower {fix} or use more data."
+            ) from None
+        yield index, batch
+
+
+def step_loss(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, index: int, context: Any, who: str
+) -> torch.Tensor:
+    """The loss ``training_step`` returns for ``batch`` (moved to the device), under ``context``."""
+    batch = trainer.strategy.batch_to_device(batch)
+    with context():
+        output = pl_module.training_step(batch, index)
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if not isinstance(loss, torch.Tensor):
+        raise RuntimeError(
+            f"{who} needs training_step to return the loss (a tensor, or a dict with 'loss');"
+            f" it returned {type(output).__name__}."
+        )
+    return loss
+
+
+def restore_modes(pl_module: pl.LightningModule, modes: dict[str, bool]) -> None:
+    for name, module in pl_module.named_modules():
+        if name in modes:
+            module.training = modes[name]
+
+
+def _ignore(*_: Any, **__: Any) -> None:
+    """``self.log`` outside the fit's loops: those metrics are not the fit's."""
+
+
+@contextmanager
+def outside_the_fit(pl_module: pl.LightningModule) -> Iterator[dict[str, bool]]:
+    """Silence ``log``/``log_dict`` and give back every module's train/eval mode afterwards; yields the modes."""
+    modes = {name: module.training for name, module in pl_module.named_modules()}
+    own = {key: pl_module.__dict__[key] for key in ("log", "log_dict") if key in pl_module.__dict__}
+    pl_module.log = pl_module.log_dict = _ignore
+    try:
+        yield modes
+    finally:
+        for key in ("log", "log_dict"):
+            if key in own:
+                setattr(pl_module, key, own[key])
+            else:
+                delattr(pl_module, key)
+        restore_modes(pl_module, modes)
