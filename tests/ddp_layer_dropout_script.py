@@ -8,7 +8,6 @@ zero-weighted term so DDP still sees every parameter used, and both processes dr
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch

@@ -50,14 +50,6 @@ def _fit(root: Path, steps: int, seed: int, callbacks: list[pl.Callback], ckpt_p
     return module
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one intra-op thread is as fast when the machine is idle and avoids 100x slowdowns
-    from thread oversubscription when it is not. Every run of a test shares it, so comparisons hold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _adapters(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -30,13 +30,7 @@ from lightning_sft.modules import CausalLM
 from tests import tiny_models
 from tests.ddp_helpers import run_ddp_and_compare_adapters
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: see conftest.py
 
 
 # --- schedules --------------------------------------------------------------------------------------------

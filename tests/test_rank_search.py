@@ -32,6 +32,9 @@ from lightning_sft.rank_search import (
 )
 from tiny_models import build
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: see conftest.py
+
+
 # --- the pure rules ----------------------------------------------------------------------------------
 
 
@@ -127,13 +130,6 @@ def test_allocation_spends_the_budget_on_importance_per_parameter() -> None:
 # --- through Lightning ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is as fast and immune to oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _UnfreezeNorm(pl.Callback):
