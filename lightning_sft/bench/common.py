@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,3 +65,24 @@ def run_and_report(
         with atomic_path(json_path) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def run_main_job(flags: list[str], seed: int, steps: int, root: Path, threads: int | None) -> None:
+    """One run of the main job (``lightning-sft fit``) for ``steps`` steps in a fresh process, writing under
+    ``root``; ``flags`` are added to its command line. Raises with the run's stderr if it fails."""
+    command = [
+        sys.executable, "-m", "lightning_sft.cli", "fit", "--seed_everything", str(seed),
+        "--trainer.max_steps", str(steps), "--model.decay_steps", str(steps), "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", *flags,
+    ]
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+
+
+def main_job_summary(flags: list[str], seed: int, steps: int, root: Path, threads: int | None) -> dict[str, Any]:
+    """``run_main_job``, then the summary.json the run wrote."""
+    run_main_job(flags, seed, steps, root, threads)
+    (path,) = root.rglob("summary.json")
+    return json.loads(path.read_text())

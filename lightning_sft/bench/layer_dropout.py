@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_sft.adapters.injection import LoRAConfig, inject_lora
-from lightning_sft.bench.common import build_llama, int_at_least, run_and_report
+from lightning_sft.bench.common import build_llama, int_at_least, run_and_report, run_main_job
 from lightning_sft.layer_dropout.dropper import LayerDropper
 from lightning_sft.layer_dropout.schedules import drop_probabilities
 
@@ -183,18 +180,13 @@ VARIANTS: dict[str, list[str]] = {"dense": [], "auto": ["--layer-dropout", "auto
 
 
 def _fit(flags: list[str], steps: int, val_every: int, root: Path, threads: int | None) -> list[dict[str, float]]:
+    """One main-job run (seed 0, the main job's) with validation every ``val_every`` steps; its clock points."""
     clock = root / "clock.json"
-    command = [
-        sys.executable, "-m", "lightning_sft.cli", "fit", "--trainer.max_steps", str(steps),
-        "--model.decay_steps", str(steps), "--trainer.val_check_interval", str(val_every),
-        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-        "--trainer.callbacks+=lightning_sft.bench.layer_dropout.ValidationClock",
-        "--trainer.callbacks.path", str(clock), *flags,
-    ]
-    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    run_main_job([
+        "--trainer.val_check_interval", str(val_every),
+        "--trainer.callbacks+=lightning_sft.bench.layer_dropout.ValidationClock", "--trainer.callbacks.path", str(clock),
+        *flags,
+    ], 0, steps, root, threads)
     return json.loads(clock.read_text())
 
 

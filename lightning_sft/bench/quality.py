@@ -11,11 +11,7 @@ calibration included) and the effective vs dense FLOPs from ``EfficiencyMonitor`
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lightning_sft.bench.common import int_at_least, run_and_report
+from lightning_sft.bench.common import main_job_summary, int_at_least, run_and_report
 
 NAME = "quality"
 HELP = "held-out accuracy and step time of contextual-sparsity settings on the main job, against dense LoRA"
@@ -78,18 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fit(flags: list[str], seed: int, steps: int, root: Path, threads: int | None) -> dict[str, Any]:
-    """One main-job run in a fresh process; its summary.json."""
-    command = [
-        sys.executable, "-m", "lightning_sft.cli", "fit", "--seed_everything", str(seed),
-        "--trainer.max_steps", str(steps), "--model.decay_steps", str(steps), "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", *flags,
-    ]
-    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    (path,) = root.rglob("summary.json")
-    return json.loads(path.read_text())
+    """One main-job run in a fresh process; its summary.json (a seam the tests replace)."""
+    return main_job_summary(flags, seed, steps, root, threads)
 
 
 def benchmark(variants: list[str], seeds: list[int], steps: int, threads: int | None = None) -> dict[str, Any]:
