@@ -11,7 +11,9 @@ from lightning_sft.adapters import (
     save_adapter,
     unmerge_adapter,
 )
-from lightning_sft.callbacks import AdaptiveRankSearch, ContextualSparsity, EfficiencyMonitor, LayerDropout, LoRA
+from lightning_sft.callbacks import AdaptiveRankSearch, ContextualSparsity, EfficiencyMonitor, LayerDropout, LoRA, SparseFineTuning
+
+from lightning_sft.sparse_ft import apply_diff, export_lora_diff, read_diff, revert_diff, save_diff
 
 __version__ = "0.1.0"
 
@@ -23,11 +25,17 @@ __all__ = [
     "LoRA",
     "LoRAConfig",
     "LoRALinear",
+    "SparseFineTuning",
+    "apply_diff",
+    "export_lora_diff",
     "inject_lora",
     "load_adapter",
     "load_from_checkpoint",
     "lora_layers",
     "merge_adapter",
+    "read_diff",
+    "revert_diff",
     "save_adapter",
+    "save_diff",
     "unmerge_adapter",
 ]

@@ -3,24 +3,69 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
+from torch import nn
 
 _SAMPLES_PER_TENSOR = 4096
+_WRAPPED = ".base_layer"
 
 
-def fingerprint_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+def fingerprint_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    patches: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> str:
     """SHA-256 over names, shapes, dtypes and a fixed strided sample of every tensor's values.
 
     Sampling keeps this fast on multi-GB models while any re-training, re-initialisation or shape
-    change of a tensor still changes the digest with overwhelming probability.
+    change of a tensor still changes the digest with overwhelming probability. ``patches`` maps a
+    name to ``(sorted flat indices, values)``: the digest is that of the tensors with those entries
+    replaced, computed without copying them (how a sparse diff knows the fingerprint it produces).
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        sample = flat[::step][:_SAMPLES_PER_TENSOR].to(device="cpu", dtype=torch.float32).contiguous()
+        sample = flat[::step][:_SAMPLES_PER_TENSOR].clone()
+        if patches and name in patches:
+            _patch_sample(sample, step, *patches[name])
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(sample.numpy().tobytes())
+        digest.update(sample.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _patch_sample(sample: torch.Tensor, step: int, indices: torch.Tensor, values: torch.Tensor) -> None:
+    if indices.numel() == 0:
+        return
+    indices = indices.to(sample.device)
+    positions = torch.arange(sample.numel(), device=sample.device) * step
+    slot = torch.searchsorted(indices, positions).clamp_(max=indices.numel() - 1)
+    hit = indices[slot] == positions
+    sample[hit] = values.to(device=sample.device, dtype=sample.dtype)[slot[hit]]
+
+
+def base_parameters(root: nn.Module) -> dict[str, nn.Parameter]:
+    """The base model's parameters by the names they have without adapters.
+
+    An adapter wrapper (LoRA, sparse deltas) keeps the layer it wraps as ``base_layer``; the
+    parameters the wrapper itself owns are the adapter's and are left out, and ``.base_layer`` is
+    dropped from the names, so the mapping is the same before and after adapters are injected.
+    Tied parameters appear once, under their first name.
+    """
+    adapter_params = {
+        id(param)
+        for module in root.modules()
+        if isinstance(getattr(module, "base_layer", None), nn.Module)
+        for param in module.parameters(recurse=False)
+    }
+    return {
+        name.replace(_WRAPPED + ".", "."): param
+        for name, param in root.named_parameters(remove_duplicate=True)
+        if id(param) not in adapter_params
+    }
+
+
+def fingerprint_base(root: nn.Module) -> str:
+    """Fingerprint of ``root``'s base parameters (see ``base_parameters``)."""
+    return fingerprint_tensors(base_parameters(root).items())

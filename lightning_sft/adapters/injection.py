@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.adapters.targeting import ALL_LINEAR, TargetSpec, select_targets, validate_target_spec
-from lightning_sft.fingerprint import fingerprint_tensors
+from lightning_sft.fingerprint import fingerprint_base
 
 
 def _pattern_value(name: str, pattern: Mapping[str, float], default: float) -> float:
@@ -164,9 +164,4 @@ def base_fingerprint(root: nn.Module) -> str:
     layers = lora_layers(root)
     if any(layer.merged for layer in layers.values()):
         raise RuntimeError("Adapters are merged into the base weights; call `unmerge_adapter` first.")
-    named = (
-        (name.replace(".base_layer.", "."), param)
-        for name, param in root.named_parameters(remove_duplicate=True)
-        if not name.endswith((".lora_A", ".lora_B"))
-    )
-    return fingerprint_tensors(named)
+    return fingerprint_base(root)

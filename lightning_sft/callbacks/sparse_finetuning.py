@@ -1,0 +1,310 @@
+"""The SparseFineTuning callback: train a small chosen subset of the base weights' entries.
+
+The pure logic lives in :mod:`lightning_sft.sparse_ft` (the sparse-delta layer, entry selection,
+diff files); this file wires it to the Trainer. See ``docs/sparse_finetuning.md``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_sft.adapters.injection import lora_layers, replace_submodule
+from lightning_sft.adapters.targeting import ALL_LINEAR, select_targets, validate_target_spec
+from lightning_sft.callbacks.contextual_sparsity import ContextualSparsity
+from lightning_sft.callbacks.lora import LoRA
+from lightning_sft.callbacks.side_loop import fit_dataloader, outside_the_fit, step_loss, take_batches
+from lightning_sft.sparse_ft.delta_layer import SparseDeltaLinear, sparse_delta_layers
+from lightning_sft.sparse_ft.selection import (
+    GRADIENT_SELECTIONS,
+    accumulate,
+    drop_and_regrow,
+    entry_count,
+    random_importance,
+    ranking,
+    top_entries,
+    validate_density,
+    validate_fraction,
+    validate_selection,
+)
+
+_WHO = "SparseFineTuning"
+# Sharded strategies flatten parameters; the deltas' index buffers would not follow.
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+# Mixes the seed and the reselection count into one generator seed (a large odd multiplier).
+_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+def _check_int(value: Any, name: str, low: int, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}. {hint}")
+
+
+class SparseFineTuning(Callback):
+    """Fine-tune only ``density`` of the entries of each targeted weight, chosen before training.
+
+    Each targeted layer gets a ``SparseDeltaLinear`` wrapper holding (indices, values): only the
+    values train, so gradients and optimizer states scale with the density, not the model. Save the
+    result with ``save_diff`` and apply it to the base with ``apply_diff``.
+
+    Args:
+        density: fraction of each targeted weight's entries to train, in (0, 1].
+        selection: how entries are chosen: ``fisher`` (sum of squared gradients), ``grad`` (magnitude
+            of the summed gradient), ``weight`` (largest frozen weights) or ``random``.
+        target_modules: ``"all-linear"`` (every linear layer except output heads), module-name
+            suffixes, or a regex, as for ``LoRA``.
+        exclude_modules: the same forms, removed from the selection.
+        reselect_every: every this many optimizer steps, drop the ``regrow_fraction`` of trained
+            entries whose deltas moved least and regrow as many new ones by the same score (SpIEL);
+            ``None`` keeps the first choice.
+        regrow_fraction: the fraction of entries swapped at each reselection, in (0, 1).
+        score_batches: training batches whose gradients score the entries: before the fit for
+            ``fisher``/``grad``, and the last steps before each reselection.
+        seed: seed of the ``random`` selection; default: the global seed of rank 0.
+    """
+
+    def __init__(
+        self,
+        density: float = 0.01,
+        selection: str = "fisher",
+        target_modules: str | Sequence[str] = ALL_LINEAR,
+        exclude_modules: str | Sequence[str] | None = None,
+        reselect_every: int | None = None,
+        regrow_fraction: float = 0.2,
+        score_batches: int = 8,
+        seed: int | None = None,
+    ) -> None:
+        validate_density(density)
+        validate_selection(selection)
+        validate_target_spec(target_modules, "target_modules")
+        validate_target_spec(exclude_modules, "exclude_modules")
+        _check_int(score_batches, "score_batches", 1, "8 batches usually rank entries well.")
+        if reselect_every is not None:
+            _check_int(reselect_every, "reselect_every", 1, "Use None to keep the first selection.")
+            if selection == "weight":
+                raise ValueError(
+                    "selection='weight' with reselect_every: the frozen weights never change, so a reselection"
+                    " has nothing new to rank by. Use selection='fisher' or 'grad', or reselect_every=None."
+                )
+            if score_batches > reselect_every:
+                raise ValueError(
+                    f"`score_batches={score_batches}` must be <= `reselect_every={reselect_every}`: the scores of a"
+                    " reselection come from the steps since the previous one."
+                )
+        validate_fraction(regrow_fraction, "regrow_fraction", "SpIEL swaps about 0.2 of the entries each time.")
+        if seed is not None:
+            _check_int(seed, "seed", 0, "Use None for the global seed.")
+        self.density = density
+        self.selection = selection
+        self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+        self.exclude_modules = exclude_modules if exclude_modules is None or isinstance(exclude_modules, str) \
+            else list(exclude_modules)
+        self.reselect_every = reselect_every
+        self.regrow_fraction = regrow_fraction
+        self.score_batches = score_batches
+        self.seed = seed
+        self.tuned_modules: list[str] = []
+        self._selected = False
+        self._reselections = 0
+        self._last_reselect_step = 0
+        self._scores: dict[str, torch.Tensor] = {}
+        self._seed: int | None = seed
+
+    # -- set-up -------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if strategy in _UNSUPPORTED_STRATEGIES:
+            raise RuntimeError(f"{_WHO} does not support {strategy}. Use strategy='ddp' (or 'auto' on one device).")
+        if sum(isinstance(cb, SparseFineTuning) for cb in trainer.callbacks) > 1:
+            raise ValueError(f"{_WHO} was added more than once; keep exactly one in `callbacks`.")
+        if any(isinstance(cb, LoRA) for cb in trainer.callbacks) or lora_layers(pl_module):
+            raise ValueError(
+                f"{_WHO} trains entries of the base weights and LoRA trains adapters beside them; use one of the"
+                " two. Remove the LoRA callback (`--no_lora` on the command line)."
+            )
+        if any(isinstance(cb, ContextualSparsity) for cb in trainer.callbacks):
+            raise ValueError(
+                f"{_WHO} cannot run with ContextualSparsity, which slices the frozen base weights and would skip"
+                " the sparse deltas. Use ContextualSparsity with LoRA."
+            )
+        existing = sparse_delta_layers(pl_module)
+        if existing:  # a second fit with the same module: keep its deltas
+            self.tuned_modules = list(existing)
+            return
+        self.tuned_modules = inject_sparse_deltas(
+            pl_module, self.density, self.selection, self.target_modules, self.exclude_modules
+        )
+        layers = sparse_delta_layers(pl_module)
+        trainable = sum(layer.count for layer in layers.values())
+        targeted = sum(layer.base_layer.weight.numel() for layer in layers.values())
+        rank_zero_info(
+            f"{_WHO}: {len(layers)} layers, {trainable:,} trainable entries of {targeted:,}"
+            f" ({100 * trainable / targeted:.2f}%), selection {self.selection!r}."
+        )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._seed is None:
+            self._seed = int(trainer.strategy.broadcast(torch.initial_seed()))
+        if self._selected:  # resumed, or a second fit: the entries are already chosen
+            return
+        layers = sparse_delta_layers(pl_module)
+        if self.selection in GRADIENT_SELECTIONS:
+            self._score_before_fit(trainer, pl_module, layers)
+        for name, layer in layers.items():
+            numel = layer.base_layer.weight.numel()
+            if self.selection == "weight":
+                importance = layer.base_layer.weight.detach().abs()
+            elif self.selection == "random":
+                importance = random_importance(numel, self._generator(name))
+            else:
+                importance = ranking(self._scores.pop(name), self.selection)
+            with torch.no_grad():
+                layer.delta_indices.copy_(top_entries(importance, layer.count))
+                layer.delta_values.zero_()
+        self._selected = True
+
+    def _score_before_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, Any]) -> None:
+        """Accumulate ``score_batches`` training batches' dense weight gradients, leaving no trace
+        in the fit: the global RNG, module modes and gradients are as they were."""
+        why = f"selection={self.selection!r} scores entries by gradients of training batches"
+        loader = fit_dataloader(trainer, trainer.fit_loop._data_source, RunningStage.TRAINING, _WHO, why)
+        rng = torch.get_rng_state()
+        self._observe(layers)
+        try:
+            with outside_the_fit(pl_module):
+                for index, batch in take_batches(loader, self.score_batches, "training", _WHO, "`score_batches`"):
+                    step_loss(trainer, pl_module, batch, index, trainer.precision_plugin.forward_context, _WHO).backward()
+        finally:
+            self._observe(layers, on=False)
+            torch.set_rng_state(rng)
+            for layer in layers.values():
+                layer.delta_values.grad = None
+        self._reduce_scores(trainer)
+
+    # -- reselection --------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.reselect_every is None:
+            return
+        step = trainer.global_step + 1  # the optimizer step this batch contributes to
+        scoring = (step - 1) % self.reselect_every >= self.reselect_every - self.score_batches
+        self._observe(sparse_delta_layers(pl_module), on=scoring and self.selection in GRADIENT_SELECTIONS)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.reselect_every is None or step == 0 or step % self.reselect_every or step == self._last_reselect_step:
+            return
+        layers = sparse_delta_layers(pl_module)
+        self._observe(layers, on=False)
+        self._reduce_scores(trainer)
+        self._reselections += 1
+        swapped = 0
+        for name, layer in layers.items():
+            if self.selection == "random":
+                importance = random_importance(layer.base_layer.weight.numel(), self._generator(name))
+            else:
+                importance = ranking(self._scores.pop(name), self.selection)
+            positions, new = drop_and_regrow(layer.delta_indices, layer.delta_values, importance, self.regrow_fraction)
+            with torch.no_grad():
+                layer.delta_indices[positions] = new.to(layer.delta_indices.device)
+                layer.delta_values[positions] = 0
+            _reset_optimizer_state(trainer, layer.delta_values, positions)
+            swapped += positions.numel()
+        self._scores.clear()
+        self._last_reselect_step = step
+        pl_module.log("sparse_ft/regrown", float(swapped), on_step=True, on_epoch=False)
+
+    def _observe(self, layers: dict[str, SparseDeltaLinear], on: bool = True) -> None:
+        for name, layer in layers.items():
+            layer.gradient_observer = self._accumulator(name) if on else None
+
+    def _accumulator(self, name: str) -> Any:
+        def observe(layer: SparseDeltaLinear, gradient: torch.Tensor) -> None:
+            if name not in self._scores:
+                self._scores[name] = torch.zeros(gradient.shape, dtype=torch.float32, device=gradient.device)
+            accumulate(self._scores[name], gradient, self.selection)
+
+        return observe
+
+    def _reduce_scores(self, trainer: pl.Trainer) -> None:
+        """Sum the scores over processes, so every process makes the same choice."""
+        for name in sorted(self._scores):
+            self._scores[name] = trainer.strategy.reduce(self._scores[name], reduce_op="sum")
+
+    def _generator(self, name: str) -> torch.Generator:
+        assert self._seed is not None
+        mixed = (self._seed + _SEED_STRIDE * (self._reselections + 1) + zlib.crc32(name.encode())) % 2**63
+        return torch.Generator().manual_seed(mixed)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "selected": self._selected,
+            "seed": self._seed,
+            "reselections": self._reselections,
+            "last_reselect_step": self._last_reselect_step,
+            "scores": {name: score.cpu() for name, score in self._scores.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._selected = bool(state_dict["selected"])
+        self._seed = state_dict["seed"]
+        self._reselections = int(state_dict["reselections"])
+        self._last_reselect_step = int(state_dict["last_reselect_step"])
+        self._scores = dict(state_dict["scores"])
+
+
+def inject_sparse_deltas(
+    root: nn.Module,
+    density: float,
+    selection: str,
+    target_modules: str | Sequence[str] = ALL_LINEAR,
+    exclude_modules: str | Sequence[str] | None = None,
+) -> list[str]:
+    """Wrap the targeted linear layers of ``root`` in ``SparseDeltaLinear`` and freeze everything else.
+
+    All checks run and all wrappers are built before the first swap, so a bad target leaves
+    ``root`` untouched. The wrappers' indices are placeholders until a selection fills them.
+    """
+    targets = select_targets(root, target_modules, exclude_modules)
+    owners: dict[int, list[str]] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{name}.{param_name}" if name else param_name)
+    for name in targets:
+        shared = owners[id(root.get_submodule(name).weight)]
+        if len(shared) > 1:
+            raise ValueError(
+                f"{name!r} shares its weight with {', '.join(s for s in shared if s != name + '.weight')} (tied weights);"
+                " a sparse delta on one would not reach the other. Exclude it with `exclude_modules`."
+            )
+    built = {}
+    for name in targets:
+        layer = root.get_submodule(name)
+        built[name] = SparseDeltaLinear(layer, entry_count(layer.weight.numel(), density), selection)
+    for param in root.parameters():
+        param.requires_grad_(False)
+    for name, layer in built.items():
+        replace_submodule(root, name, layer)
+        layer.delta_values.requires_grad_(True)
+    return list(built)
+
+
+def _reset_optimizer_state(trainer: pl.Trainer, values: torch.Tensor, positions: torch.Tensor) -> None:
+    """Regrown entries start fresh: zero their slots in every optimizer state shaped like the values."""
+    for optimizer in trainer.optimizers:
+        for state in optimizer.state.get(values, {}).values():
+            if isinstance(state, torch.Tensor) and state.shape == values.shape:
+                state[positions.to(state.device)] = 0

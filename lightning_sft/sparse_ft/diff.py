@@ -1,0 +1,378 @@
+"""Sparse diff files: a fine-tune stored as the few entries it changed, applied to and rolled back
+from the base model in place.
+
+One safetensors file. Per changed tensor ``NAME``:
+
+- ``NAME/indices``: the changed flat positions, sorted, as LEB128 varint gaps (uint8);
+- ``NAME/values``: the deltas in the weight's dtype, so that ``tuned = base + delta``;
+- ``NAME/fixup_positions`` / ``fixup_base`` / ``fixup_tuned``: the rare entries where floating-point
+  ``base + delta - delta`` is not ``base`` bit for bit (a delta much larger than its weight), with both
+  exact values, so apply and revert are exact.
+
+The metadata (JSON under ``lightning_sft.sparse_diff``) records shapes, dtypes, the fingerprint of
+the base and of the tuned model, digests of the changed entries before and after, and a digest of
+every stored byte, so a diff for another base, a diff applied twice, and a corrupted or truncated
+file are all refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_sft.adapters.lora_layer import LoRALinear
+from lightning_sft.adapters.peft_format import peft_root
+from lightning_sft.atomic_io import atomic_path
+from lightning_sft.fingerprint import base_parameters, fingerprint_tensors
+from lightning_sft.sparse_ft.delta_layer import sparse_delta_layers
+from lightning_sft.sparse_ft.index_coding import decode_indices, encode_indices
+from lightning_sft.sparse_ft.selection import entry_count, top_entries, validate_density
+
+METADATA_KEY = "lightning_sft.sparse_diff"
+FORMAT_VERSION = 1
+_PARTS = ("indices", "values", "fixup_positions", "fixup_base", "fixup_tuned")
+# Header fields write_diff fills in; the rest is the caller's information (source, selection, ...).
+_RESERVED = ("format_version", "base_fingerprint", "tuned_fingerprint", "nnz", "density", "tensors", "content_sha256")
+_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+
+
+class DiffError(ValueError):
+    """A diff that cannot be read, or cannot be applied to (or reverted from) this model."""
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """The changed entries of one tensor (see the module docstring for the meaning of each part)."""
+
+    shape: tuple[int, ...]
+    indices: torch.Tensor
+    values: torch.Tensor
+    fixup_positions: torch.Tensor
+    fixup_base: torch.Tensor
+    fixup_tuned: torch.Tensor
+    base_sha256: str
+    tuned_sha256: str
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    def tuned(self, base_entries: torch.Tensor) -> torch.Tensor:
+        new = base_entries + self.values.to(base_entries.device)
+        new[self.fixup_positions.to(new.device)] = self.fixup_tuned.to(new.device)
+        return new
+
+    def reverted(self, tuned_entries: torch.Tensor) -> torch.Tensor:
+        old = tuned_entries - self.values.to(tuned_entries.device)
+        old[self.fixup_positions.to(old.device)] = self.fixup_base.to(old.device)
+        return old
+
+
+@dataclass(frozen=True)
+class SparseDiff:
+    """A whole diff: per-tensor changes plus what identifies the base it belongs to."""
+
+    tensors: dict[str, TensorDiff]
+    base_fingerprint: str
+    tuned_fingerprint: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nnz(self) -> int:
+        return sum(t.indices.numel() for t in self.tensors.values())
+
+    @property
+    def density(self) -> float:
+        """Changed entries over the entries of the tensors the diff touches."""
+        return self.nnz / max(1, sum(t.numel for t in self.tensors.values()))
+
+    @property
+    def ideal_bytes(self) -> int:
+        """What the values alone take: the floor for any format that stores them uncompressed."""
+        return sum(t.values.numel() * t.values.element_size() for t in self.tensors.values())
+
+
+def _digest(entries: torch.Tensor) -> str:
+    return hashlib.sha256(entries.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns, so that -0.0 != 0.0 and NaN == NaN where it is the same NaN."""
+    return tensor.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[tensor.element_size()])
+
+
+def make_diff(
+    base: Mapping[str, torch.Tensor], updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], info: dict[str, Any]
+) -> SparseDiff:
+    """The diff taking the ``base`` tensors (all of the model's, by name) to the tuned entries
+    ``updates[name] = (sorted flat indices, tuned values in the tensor's dtype)``."""
+    tensors = {}
+    for name, (indices, tuned) in sorted(updates.items()):
+        weight = base[name]
+        indices = indices.detach().to("cpu", torch.int64)
+        tuned = tuned.detach().to("cpu", weight.dtype)
+        if not torch.isfinite(tuned).all():
+            raise DiffError(f"The tuned values of {name!r} are not all finite (the training diverged); nothing was saved.")
+        entries = weight.detach().reshape(-1)[indices.to(weight.device)].to("cpu")
+        values = tuned - entries
+        exact = (_bits(entries + values) == _bits(tuned)) & (_bits(tuned - values) == _bits(entries))
+        fixups = torch.nonzero(~exact).reshape(-1)
+        tensors[name] = TensorDiff(
+            shape=tuple(weight.shape), indices=indices, values=values, fixup_positions=fixups,
+            fixup_base=entries[fixups], fixup_tuned=tuned[fixups], base_sha256=_digest(entries), tuned_sha256=_digest(tuned),
+        )
+    patches = {name: (t.indices, t.tuned(base[name].detach().reshape(-1)[t.indices.to(base[name].device)].to("cpu")))
+               for name, t in tensors.items()}
+    return SparseDiff(tensors, fingerprint_tensors(base.items()), fingerprint_tensors(base.items(), patches), info)
+
+
+# -- files --------------------------------------------------------------------------------------------
+
+
+def write_diff(diff: SparseDiff, path: str | os.PathLike) -> Path:
+    """Write ``diff`` to ``path`` atomically (an interrupted write leaves any previous file intact)."""
+    stored: dict[str, torch.Tensor] = {}
+    records = {}
+    for name, t in diff.tensors.items():
+        parts = {
+            "indices": encode_indices(t.indices), "values": t.values, "fixup_positions": encode_indices(t.fixup_positions),
+            "fixup_base": t.fixup_base, "fixup_tuned": t.fixup_tuned,
+        }
+        stored.update({f"{name}/{part}": tensor.contiguous() for part, tensor in parts.items()})
+        records[name] = {
+            "shape": list(t.shape), "dtype": str(t.values.dtype).removeprefix("torch."), "nnz": t.indices.numel(),
+            "fixups": t.fixup_positions.numel(), "base_sha256": t.base_sha256, "tuned_sha256": t.tuned_sha256,
+        }
+    header = {
+        "format_version": FORMAT_VERSION, "base_fingerprint": diff.base_fingerprint,
+        "tuned_fingerprint": diff.tuned_fingerprint, "nnz": diff.nnz, "density": diff.density, "tensors": records,
+        "content_sha256": _content_digest(stored), **diff.info,
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(stored, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(header)})
+    return path
+
+
+def _content_digest(stored: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(stored):
+        digest.update(key.encode())
+        digest.update(stored[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_diff(path: str | os.PathLike) -> SparseDiff:
+    """Read and check a diff file; raises ``DiffError`` for anything but an intact diff."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass the .safetensors file written by save_diff.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+            stored = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for a bad header or short file
+        raise DiffError(f"{path} is corrupted or truncated: {error}") from None
+    if raw is None:
+        raise DiffError(f"{path} is a safetensors file but not a sparse diff (no {METADATA_KEY!r} metadata).")
+    try:
+        header = json.loads(raw)
+        version = header["format_version"]
+        records = header["tensors"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DiffError(f"{path} is corrupted: its diff metadata does not parse.") from None
+    if version != FORMAT_VERSION:
+        raise DiffError(f"{path} is format version {version}; this lightning-sft reads version {FORMAT_VERSION}.")
+    if header.get("content_sha256") != _content_digest(stored):
+        raise DiffError(f"{path} is corrupted: its stored bytes do not match the digest written with them.")
+    expected = {f"{name}/{part}" for name in records for part in _PARTS}
+    if set(stored) != expected:
+        raise DiffError(f"{path} is corrupted: its tensors do not match its metadata.")
+    tensors = {}
+    for name, record in records.items():
+        try:
+            tensors[name] = _tensor_diff(name, record, stored)
+        except (ValueError, KeyError, TypeError) as error:
+            raise DiffError(f"{path} is corrupted at {name!r}: {error}") from None
+    info = {k: v for k, v in header.items() if k not in _RESERVED}
+    return SparseDiff(tensors, header["base_fingerprint"], header["tuned_fingerprint"], info)
+
+
+def _tensor_diff(name: str, record: Mapping[str, Any], stored: Mapping[str, torch.Tensor]) -> TensorDiff:
+    shape = tuple(int(s) for s in record["shape"])
+    dtype = _DTYPES[record["dtype"]]
+    nnz, fixups = int(record["nnz"]), int(record["fixups"])
+    numel = int(torch.Size(shape).numel())
+    values = stored[f"{name}/values"]
+    if values.dtype != dtype or values.shape != (nnz,):
+        raise ValueError(f"values are {values.dtype} {tuple(values.shape)}, expected {dtype} ({nnz},).")
+    for part in ("fixup_base", "fixup_tuned"):
+        if stored[f"{name}/{part}"].dtype != dtype or stored[f"{name}/{part}"].shape != (fixups,):
+            raise ValueError(f"{part} does not hold {fixups} {dtype} values.")
+    return TensorDiff(
+        shape=shape, indices=decode_indices(stored[f"{name}/indices"], nnz, numel), values=values,
+        fixup_positions=decode_indices(stored[f"{name}/fixup_positions"], fixups, nnz),
+        fixup_base=stored[f"{name}/fixup_base"], fixup_tuned=stored[f"{name}/fixup_tuned"],
+        base_sha256=str(record["base_sha256"]), tuned_sha256=str(record["tuned_sha256"]),
+    )
+
+
+# -- modules ------------------------------------------------------------------------------------------
+
+
+def save_diff(module: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the sparse deltas of ``module`` (trained by ``SparseFineTuning``) as a diff file.
+
+    Names are those of the base model's own parameters (inside a LightningModule, relative to the
+    Hugging Face model it holds), so the diff applies to the plain base model.
+    """
+    root, _ = peft_root(module)
+    layers = sparse_delta_layers(root)
+    if not layers:
+        raise ValueError(f"{type(module).__name__} has no sparse deltas to save. Add the `SparseFineTuning` callback.")
+    base = base_parameters(root)
+    names = {id(param): name for name, param in base.items()}
+    updates = {}
+    for layer in layers.values():
+        order = torch.argsort(layer.delta_indices)
+        indices = layer.delta_indices[order]
+        updates[names[id(layer.base_layer.weight)]] = (indices, layer.tuned_weight().reshape(-1)[indices])
+    selections = sorted({layer.selection for layer in layers.values()})
+    dtypes = sorted({str(layer.base_layer.weight.dtype).removeprefix("torch.") for layer in layers.values()})
+    info = {"source": "sparse-finetuning", "selection": ",".join(selections), "dtype": ",".join(dtypes)}
+    return write_diff(make_diff(base, updates, info), path)
+
+
+def export_lora_diff(module: nn.Module, path: str | os.PathLike, density: float | None = None) -> Path:
+    """Write ``module``'s (unmerged) LoRA adapters as a sparse diff of the merged weights.
+
+    With ``density=None`` the diff holds every entry the merge changes, and applying it equals
+    ``merge_adapter`` bit for bit. A ``density`` keeps only that fraction of each weight's largest
+    changes (as LT-SFT does with a full fine-tune): smaller, approximate; the fraction of the update's
+    squared norm kept is recorded as ``energy_kept``.
+    """
+    if density is not None:
+        validate_density(density)
+    root, _ = peft_root(module)
+    layers = {name: layer for name, layer in root.named_modules() if isinstance(layer, LoRALinear)}
+    if not layers:
+        raise ValueError(f"{type(module).__name__} has no LoRA adapters to export. Add the `LoRA` callback first.")
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("The adapters are merged into the base weights; call `unmerge_adapter` first.")
+    base = base_parameters(root)
+    names = {id(param): name for name, param in base.items()}
+    updates, kept, total = {}, 0.0, 0.0
+    with torch.no_grad():
+        for layer in layers.values():
+            weight = layer.base_layer.weight.reshape(-1)
+            tuned = weight + layer.delta_weight().reshape(-1)  # what merge() computes
+            change = (tuned - weight).float()
+            if density is None:
+                indices = torch.nonzero(_bits(tuned) != _bits(weight)).reshape(-1)
+            else:
+                indices = top_entries(change.abs(), entry_count(weight.numel(), density))
+            kept += float(change[indices].square().sum())
+            total += float(change.square().sum())
+            updates[names[id(layer.base_layer.weight)]] = (indices, tuned[indices])
+    dtypes = sorted({str(layer.base_layer.weight.dtype).removeprefix("torch.") for layer in layers.values()})
+    info = {
+        "source": "lora", "selection": "lora-merged" if density is None else "lora-top-magnitude",
+        "dtype": ",".join(dtypes), "energy_kept": kept / total if total else 1.0,
+    }
+    return write_diff(make_diff(base, updates, info), path)
+
+
+def apply_diff(module: nn.Module, path: str | os.PathLike, verify_base: bool = True) -> SparseDiff:
+    """Add the diff at ``path`` to ``module``'s base weights in place.
+
+    Every check runs before the first write, so a refused diff leaves ``module`` untouched:
+    tensor names and shapes, dtypes, the base fingerprint and the exact entries the diff changes
+    (which also refuses applying it twice). ``verify_base=False`` skips the base checks, to apply a
+    diff to another base on purpose; its results are then plain ``base + delta``.
+    """
+    return _change(module, read_diff(path), forward=True, verify=verify_base)
+
+
+def revert_diff(module: nn.Module, path: str | os.PathLike, verify_base: bool = True) -> SparseDiff:
+    """Subtract the diff at ``path`` from ``module`` in place: after ``apply_diff`` this restores the
+    base bit for bit. Refused, with ``module`` untouched, unless ``module`` is the base with this diff applied."""
+    return _change(module, read_diff(path), forward=False, verify=verify_base)
+
+
+def _change(module: nn.Module, diff: SparseDiff, forward: bool, verify: bool) -> SparseDiff:
+    root, _ = peft_root(module)
+    params = base_parameters(root)
+    _check_layout(root, params, diff)
+    if verify:
+        _check_state(params, diff, forward)
+    new_entries = {}
+    for name, t in diff.tensors.items():
+        param = params[name]
+        current = param.detach().reshape(-1)[t.indices.to(param.device)]
+        if verify:
+            new_entries[name] = t.tuned(current) if forward else t.reverted(current)
+        else:
+            values = t.values.to(param.device)
+            new_entries[name] = current + values if forward else current - values
+    with torch.no_grad():
+        for name, entries in new_entries.items():
+            params[name].view(-1)[diff.tensors[name].indices.to(entries.device)] = entries
+    return diff
+
+
+def _check_layout(root: nn.Module, params: Mapping[str, torch.Tensor], diff: SparseDiff) -> None:
+    missing = [name for name in diff.tensors if name not in params]
+    if missing:
+        raise DiffError(
+            f"The diff changes {missing[0]!r}, which {type(root).__name__} does not have"
+            f" ({len(missing)} such tensors): it was made for another architecture."
+        )
+    for name, t in diff.tensors.items():
+        param = params[name]
+        if tuple(param.shape) != t.shape:
+            raise DiffError(
+                f"Shape mismatch for {name!r}: the diff was made for {t.shape}, the model has {tuple(param.shape)}."
+            )
+        if param.dtype != t.values.dtype:
+            raise DiffError(
+                f"{name!r} is {param.dtype} but the diff holds {t.values.dtype} deltas; load the model in"
+                f" {t.values.dtype} (e.g. torch_dtype={str(t.values.dtype).removeprefix('torch.')!r})."
+            )
+        if not param.is_contiguous():
+            raise DiffError(f"{name!r} is not contiguous; call .contiguous() on the model's weights first.")
+
+
+def _check_state(params: Mapping[str, torch.Tensor], diff: SparseDiff, forward: bool) -> None:
+    fingerprint = fingerprint_tensors(params.items())
+    expected = diff.base_fingerprint if forward else diff.tuned_fingerprint
+    digests = {}
+    for name, t in diff.tensors.items():
+        param = params[name]
+        digests[name] = _digest(param.detach().reshape(-1)[t.indices.to(param.device)])
+    if forward and all(digests[n] == t.tuned_sha256 for n, t in diff.tensors.items()) and (
+        fingerprint == diff.tuned_fingerprint
+    ):
+        raise DiffError("This diff is already applied to the model; revert it first, or load a fresh base.")
+    if not forward and all(digests[n] == t.base_sha256 for n, t in diff.tensors.items()) and (
+        fingerprint == diff.base_fingerprint
+    ):
+        raise DiffError("This diff is not applied to the model (it holds the base weights); there is nothing to revert.")
+    wanted = "base_sha256" if forward else "tuned_sha256"
+    changed = [n for n, t in diff.tensors.items() if digests[n] != getattr(t, wanted)]
+    if fingerprint != expected or changed:
+        what = "the base it was made for" if forward else "the base with this diff applied"
+        detail = f" ({changed[0]!r} differs at the diff's entries)" if changed else " (weight fingerprint mismatch)"
+        raise DiffError(
+            f"The model is not {what}{detail}. Load the base the diff was made for, or pass verify_base=False"
+            " if you mean to apply it to another base."
+        )
