@@ -28,7 +28,15 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 # Importing the callbacks registers them as Callback subclasses, so jsonargparse resolves the short
 # names in `--trainer.callbacks+=LoRA` as well as full class paths.
 from lightning_sft.adapters import lora_layers, save_adapter
-from lightning_sft.callbacks import AdaptiveRankSearch, ContextualSparsity, EfficiencyMonitor, LayerDropout, LoRA
+from lightning_sft.callbacks import (
+    AdaptiveRankSearch,
+    ContextualSparsity,
+    EfficiencyMonitor,
+    LayerDropout,
+    LoRA,
+    SparseFineTuning,
+)
+from lightning_sft.sparse_ft import save_diff, sparse_delta_layers
 from lightning_sft.sparsity import available_strategies
 from lightning_sft.summary import format_summary, run_summary
 
@@ -36,12 +44,15 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 # Subcommands that are not LightningCLI's: each module exposes `main(argv) -> int` and is imported lazily.
 PLAIN_SUBCOMMANDS = {
     "bench": "lightning_sft.bench",
+    "diff": "lightning_sft.diff_cli",
     "pretrain": "lightning_sft.pretraining.run",
     "report": "lightning_sft.report",
 }
 
 # Callbacks on by default, configured by `--<key>.*` and switched off by `--no_<key>`.
 DEFAULT_CALLBACKS: dict[str, type[Callback]] = {"lora": LoRA, "efficiency": EfficiencyMonitor}
+# A default callback is left out when one of these is in the run: they train the same weights another way.
+REPLACED_BY: dict[type[Callback], tuple[type[Callback], ...]] = {LoRA: (SparseFineTuning,)}
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,17 @@ def _layer_dropout(value: str) -> LayerDropout | None:
     return LayerDropout(rate=rate)
 
 
+def _sft_density(value: str) -> SparseFineTuning | None:
+    """``--sft-density``: ``off`` or the fraction of each weight's entries to train, such as 0.01."""
+    if value == "off":
+        return None
+    try:
+        density = float(value)
+    except ValueError:
+        raise ValueError(f"use off or a density in (0, 1] such as 0.01; got {value!r}") from None
+    return SparseFineTuning(density=density)
+
+
 def _usage_error(build: Callable[[str], Callback | None]) -> Callable[[str], str]:
     """A parser type that builds the flag's callback once, so a bad value is a usage error, not a
     traceback at fit time."""
@@ -151,6 +173,15 @@ FEATURE_FLAGS: dict[str, FeatureFlag] = {
         default="off",
         build=_layer_dropout,
     ),
+    "--sft-density": FeatureFlag(
+        "--sft-density",
+        help="Sparse fine-tuning (SparseFineTuning) instead of LoRA: train this fraction of each linear weight's"
+        " entries (Fisher-selected), e.g. 0.01, and save diff.safetensors after the fit; 'off' disables it. Tune it"
+        " with --trainer.callbacks+=SparseFineTuning --trainer.callbacks.selection ... instead.",
+        type=_usage_error(_sft_density),
+        default="off",
+        build=_sft_density,
+    ),
 }
 
 
@@ -186,7 +217,7 @@ class SFTCLI(LightningCLI):
                 "description": "Fine-tune LLMs cheaply with Lightning. Run `lightning-sft SUBCOMMAND --help`.",
                 "epilog": (
                     f"fit, validate and test take the Trainer, --model and --data options plus {_flag_summary()}."
-                    " LoRA and EfficiencyMonitor are on by default. Other subcommands: bench, pretrain, report"
+                    " LoRA and EfficiencyMonitor are on by default. Other subcommands: bench, diff, pretrain, report"
                     " (`lightning-sft bench --help`)."
                 ),
                 # The main job's settings; flags and --config files override them. Without subcommands
@@ -242,12 +273,18 @@ class SFTCLI(LightningCLI):
             if callback is not None:
                 candidates.append((flag.name, callback))
 
-        extra = []
+        extra: list[Callback] = []
         for source, callback in candidates:
             if any(isinstance(cb, type(callback)) for cb in present):
                 rank_zero_info(f"Using the {type(callback).__name__} from trainer.callbacks; ignoring {source}.")
             else:
                 extra.append(callback)
+        chosen = present + extra
+        for callback in list(extra):
+            replacing = [cb for cb in chosen if isinstance(cb, REPLACED_BY.get(type(callback), ()))]
+            if replacing:
+                rank_zero_info(f"{type(replacing[0]).__name__} is on, so the default {type(callback).__name__} is not added.")
+                extra.remove(callback)
         return self._instantiate_trainer(config, extra)
 
     def before_fit(self) -> None:
@@ -256,17 +293,21 @@ class SFTCLI(LightningCLI):
         self._before = self._test_metrics()
 
     def after_fit(self) -> None:
-        """Save the adapter (peft layout), test again, and print and save the run summary."""
+        """Save the adapter (peft layout) or sparse diff, test again, and print and save the run summary."""
         directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        adapter = None
+        adapter = diff = None
         if any(isinstance(cb, LoRA) for cb in self.trainer.callbacks) and lora_layers(self.model):
             adapter = directory / "adapter"
             if self.trainer.is_global_zero:
                 save_adapter(self.model, adapter)
+        if any(isinstance(cb, SparseFineTuning) for cb in self.trainer.callbacks) and sparse_delta_layers(self.model):
+            diff = directory / "diff.safetensors"
+            if self.trainer.is_global_zero:
+                save_diff(self.model, diff)
         after = self._test_metrics()
         monitor = next((cb for cb in self.trainer.callbacks if isinstance(cb, EfficiencyMonitor)), None)
         summary = run_summary(
-            self.trainer, self.model, self._before, after, monitor, time.perf_counter() - self._started, adapter
+            self.trainer, self.model, self._before, after, monitor, time.perf_counter() - self._started, adapter, diff
         )
         search = next((cb for cb in self.trainer.callbacks if isinstance(cb, AdaptiveRankSearch)), None)
         if search is not None and search.record is not None:
@@ -286,7 +327,7 @@ class SFTCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry: ``lightning-sft {fit,validate,test,bench,pretrain,report} ...``."""
+    """Console entry: ``lightning-sft {fit,validate,test,bench,diff,pretrain,report} ...``."""
     argv = sys.argv[1:] if args is None else args
     if argv[:1] and argv[0] in PLAIN_SUBCOMMANDS:
         module = importlib.import_module(PLAIN_SUBCOMMANDS[argv[0]])  # lazy: training needs none of them

@@ -16,6 +16,7 @@ def run_summary(
     monitor: Any,
     wall_clock_s: float,
     adapter: Path | None,
+    diff: Path | None = None,
 ) -> dict[str, Any]:
     """A JSON-serialisable record of the run (``monitor`` is the EfficiencyMonitor, if one ran)."""
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
@@ -38,6 +39,7 @@ def run_summary(
         "dense_flops": totals.get("dense_flops") or None,
         "wall_clock_s": round(wall_clock_s, 1),
         "adapter": str(adapter) if adapter else None,
+        "diff": str(diff) if diff else None,
     }
     return summary
 
@@ -58,6 +60,7 @@ _ROWS = [
     ("dense_flops", "dense-equivalent FLOPs (fit)", "{:.3e}"),
     ("wall_clock_s", "wall clock incl. tests (s)", "{:.1f}"),
     ("adapter", "adapter", "{}"),
+    ("diff", "sparse diff", "{}"),
 ]
 
 

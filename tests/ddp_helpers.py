@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 
-def run_ddp_and_compare_adapters(script: Path, out: Path, expected_tensors: int) -> dict[str, torch.Tensor]:
+def run_ddp_and_compare_adapters(
+    script: Path, out: Path, expected_tensors: int, trained_suffix: str = "lora_B"
+) -> dict[str, torch.Tensor]:
     """Run ``script OUT`` (it writes OUT/rank{N}.safetensors) and assert the ranks agree bit for bit
-    and that training moved the adapters; returns rank 0's tensors."""
+    and that training moved the tensors named ``*trained_suffix`` (zero at the start); returns rank 0's tensors."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
                             timeout=300)
@@ -22,5 +24,5 @@ def run_ddp_and_compare_adapters(script: Path, out: Path, expected_tensors: int)
     assert rank0.keys() == rank1.keys() and len(rank0) == expected_tensors
     for name in rank0:
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
-    assert any(name.endswith("lora_B") and rank0[name].abs().sum() > 0 for name in rank0)
+    assert any(name.endswith(trained_suffix) and rank0[name].abs().sum() > 0 for name in rank0)
     return rank0

@@ -26,34 +26,36 @@ def _effective_weight(weight: torch.Tensor, indices: torch.Tensor, values: torch
 
 
 class _SparseDeltaLinearFn(torch.autograd.Function):
-    """y = x W_eff^T + b with W_eff = W + scatter(values at indices); gradients for x and values only."""
+    """y = x W_eff^T + b with W_eff = W + scatter(values at indices); gradients for x, values and b."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, layer: SparseDeltaLinear) -> torch.Tensor:
-        base = layer.base_layer
-        weight = _effective_weight(base.weight, layer.delta_indices, values)
+    def forward(
+        ctx: Any, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: SparseDeltaLinear
+    ) -> torch.Tensor:
+        weight = _effective_weight(layer.base_layer.weight, layer.delta_indices, values)
         ctx.layer = layer
         ctx.save_for_backward(x, values)
-        return _linear(x, weight, base.bias, layer.transposed)
+        return _linear(x, weight, bias, layer.transposed)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, values = ctx.saved_tensors
         layer: SparseDeltaLinear = ctx.layer
         dtype = grad_out.dtype  # the forward's compute dtype (autocast may have lowered it)
-        grad_x = None
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
             weight = _effective_weight(layer.base_layer.weight, layer.delta_indices, values).to(dtype)
             grad_x = (grad_out @ weight.t() if layer.transposed else grad_out @ weight).to(x.dtype)
-        grad_values = None
         if ctx.needs_input_grad[1] or layer.gradient_observer is not None:
-            g2 = grad_out.reshape(-1, grad_out.shape[-1])
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             dense = x2.t() @ g2 if layer.transposed else g2.t() @ x2  # the weight's layout
             if layer.gradient_observer is not None:
                 layer.gradient_observer(layer, dense)
             grad_values = dense.reshape(-1)[layer.delta_indices].to(values.dtype)
-        return grad_x, grad_values, None
+        if ctx.needs_input_grad[2]:
+            grad_bias = g2.sum(0).to(layer.base_layer.bias.dtype)
+        return grad_x, grad_values, grad_bias, None
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -93,7 +95,7 @@ class SparseDeltaLinear(nn.Module):
         if not torch.is_grad_enabled() or not (self.delta_values.requires_grad or self.gradient_observer):
             weight = _effective_weight(self.base_layer.weight, self.delta_indices, self.delta_values)
             return _linear(x, weight, self.base_layer.bias, self.transposed)
-        return _SparseDeltaLinearFn.apply(x, self.delta_values, self)
+        return _SparseDeltaLinearFn.apply(x, self.delta_values, self.base_layer.bias, self)
 
     @torch.no_grad()
     def tuned_weight(self) -> torch.Tensor:

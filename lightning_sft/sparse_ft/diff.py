@@ -1,18 +1,19 @@
 """Sparse diff files: a fine-tune stored as the few entries it changed, applied to and rolled back
 from the base model in place.
 
-One safetensors file. Per changed tensor ``NAME``:
+One safetensors file holding, for all changed tensors together (in the order of their names):
 
-- ``NAME/indices``: the changed flat positions, sorted, as LEB128 varint gaps (uint8);
-- ``NAME/values``: the deltas in the weight's dtype, so that ``tuned = base + delta``;
-- ``NAME/fixup_positions`` / ``fixup_base`` / ``fixup_tuned``: the rare entries where floating-point
-  ``base + delta - delta`` is not ``base`` bit for bit (a delta much larger than its weight), with both
-  exact values, so apply and revert are exact.
+- ``indices``: each tensor's changed flat positions, sorted, as LEB128 varint gaps (uint8);
+- ``values.<dtype>``: the deltas in the weight's dtype, chosen so that ``base + delta`` is the tuned
+  value bit for bit;
+- ``fixup_positions`` / ``fixup_base.<dtype>``: the entries where floating-point ``tuned - delta``
+  is not the base (a delta much larger than its weight rounds the weight's low bits away), with the
+  base value, so revert is exact too.
 
-The metadata (JSON under ``lightning_sft.sparse_diff``) records shapes, dtypes, the fingerprint of
-the base and of the tuned model, digests of the changed entries before and after, and a digest of
-every stored byte, so a diff for another base, a diff applied twice, and a corrupted or truncated
-file are all refused before anything changes.
+The metadata (JSON under ``lightning_sft.sparse_diff``) lists each tensor's name, shape and counts,
+the fingerprints of the base and the tuned model, digests of each tensor's changed entries before
+and after, and a digest of every stored byte: a diff for another base, a diff applied twice, and
+a corrupted or truncated file are all refused before anything changes.
 """
 
 from __future__ import annotations
@@ -40,10 +41,14 @@ from lightning_sft.sparse_ft.selection import entry_count, top_entries, validate
 
 METADATA_KEY = "lightning_sft.sparse_diff"
 FORMAT_VERSION = 1
-_PARTS = ("indices", "values", "fixup_positions", "fixup_base", "fixup_tuned")
 # Header fields write_diff fills in; the rest is the caller's information (source, selection, ...).
 _RESERVED = ("format_version", "base_fingerprint", "tuned_fingerprint", "nnz", "density", "tensors", "content_sha256")
-_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_DTYPES = {_dtype_name(dtype): dtype for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+_DIGEST_CHARS = 16  # per-tensor digests: 64 bits tell a changed tensor apart; the file digest is full length
 
 
 class DiffError(ValueError):
@@ -59,18 +64,15 @@ class TensorDiff:
     values: torch.Tensor
     fixup_positions: torch.Tensor
     fixup_base: torch.Tensor
-    fixup_tuned: torch.Tensor
-    base_sha256: str
-    tuned_sha256: str
+    base_digest: str
+    tuned_digest: str
 
     @property
     def numel(self) -> int:
         return int(torch.Size(self.shape).numel())
 
     def tuned(self, base_entries: torch.Tensor) -> torch.Tensor:
-        new = base_entries + self.values.to(base_entries.device)
-        new[self.fixup_positions.to(new.device)] = self.fixup_tuned.to(new.device)
-        return new
+        return base_entries + self.values.to(base_entries.device)
 
     def reverted(self, tuned_entries: torch.Tensor) -> torch.Tensor:
         old = tuned_entries - self.values.to(tuned_entries.device)
@@ -103,12 +105,28 @@ class SparseDiff:
 
 
 def _digest(entries: torch.Tensor) -> str:
-    return hashlib.sha256(entries.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    data = entries.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:_DIGEST_CHARS]
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     """The raw bit patterns, so that -0.0 != 0.0 and NaN == NaN where it is the same NaN."""
     return tensor.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[tensor.element_size()])
+
+
+def _exact_deltas(name: str, base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+    """Deltas with ``base + delta == tuned`` bit for bit. ``tuned - base`` rounded is that in
+    round-to-nearest arithmetic except for signed zeros, which the neighbouring candidates cover."""
+    deltas = tuned - base
+    for candidate in (-deltas, torch.nextafter(deltas, torch.full_like(deltas, torch.inf)),
+                      torch.nextafter(deltas, torch.full_like(deltas, -torch.inf))):
+        wrong = _bits(base + deltas) != _bits(tuned)
+        if not wrong.any():
+            return deltas
+        deltas = torch.where(wrong, candidate, deltas)
+    if (_bits(base + deltas) != _bits(tuned)).any():
+        raise DiffError(f"{name!r}: some tuned values are not reachable by adding a {tuned.dtype} delta to the base.")
+    return deltas
 
 
 def make_diff(
@@ -124,12 +142,11 @@ def make_diff(
         if not torch.isfinite(tuned).all():
             raise DiffError(f"The tuned values of {name!r} are not all finite (the training diverged); nothing was saved.")
         entries = weight.detach().reshape(-1)[indices.to(weight.device)].to("cpu")
-        values = tuned - entries
-        exact = (_bits(entries + values) == _bits(tuned)) & (_bits(tuned - values) == _bits(entries))
-        fixups = torch.nonzero(~exact).reshape(-1)
+        values = _exact_deltas(name, entries, tuned)
+        fixups = torch.nonzero(_bits(tuned - values) != _bits(entries)).reshape(-1)
         tensors[name] = TensorDiff(
             shape=tuple(weight.shape), indices=indices, values=values, fixup_positions=fixups,
-            fixup_base=entries[fixups], fixup_tuned=tuned[fixups], base_sha256=_digest(entries), tuned_sha256=_digest(tuned),
+            fixup_base=entries[fixups], base_digest=_digest(entries), tuned_digest=_digest(tuned),
         )
     patches = {name: (t.indices, t.tuned(base[name].detach().reshape(-1)[t.indices.to(base[name].device)].to("cpu")))
                for name, t in tensors.items()}
@@ -141,18 +158,20 @@ def make_diff(
 
 def write_diff(diff: SparseDiff, path: str | os.PathLike) -> Path:
     """Write ``diff`` to ``path`` atomically (an interrupted write leaves any previous file intact)."""
-    stored: dict[str, torch.Tensor] = {}
-    records = {}
+    parts: dict[str, list[torch.Tensor]] = {}
+    records = []
     for name, t in diff.tensors.items():
-        parts = {
-            "indices": encode_indices(t.indices), "values": t.values, "fixup_positions": encode_indices(t.fixup_positions),
-            "fixup_base": t.fixup_base, "fixup_tuned": t.fixup_tuned,
-        }
-        stored.update({f"{name}/{part}": tensor.contiguous() for part, tensor in parts.items()})
-        records[name] = {
-            "shape": list(t.shape), "dtype": str(t.values.dtype).removeprefix("torch."), "nnz": t.indices.numel(),
-            "fixups": t.fixup_positions.numel(), "base_sha256": t.base_sha256, "tuned_sha256": t.tuned_sha256,
-        }
+        dtype = _dtype_name(t.values.dtype)
+        index_stream, fixup_stream = encode_indices(t.indices), encode_indices(t.fixup_positions)
+        for key, tensor in (("indices", index_stream), (f"values.{dtype}", t.values),
+                            ("fixup_positions", fixup_stream), (f"fixup_base.{dtype}", t.fixup_base)):
+            parts.setdefault(key, []).append(tensor)
+        records.append({
+            "name": name, "shape": list(t.shape), "dtype": dtype, "nnz": t.indices.numel(),
+            "index_bytes": index_stream.numel(), "fixups": t.fixup_positions.numel(), "fixup_bytes": fixup_stream.numel(),
+            "base_digest": t.base_digest, "tuned_digest": t.tuned_digest,
+        })
+    stored = {key: torch.cat(tensors).contiguous() for key, tensors in parts.items()}
     header = {
         "format_version": FORMAT_VERSION, "base_fingerprint": diff.base_fingerprint,
         "tuned_fingerprint": diff.tuned_fingerprint, "nnz": diff.nnz, "density": diff.density, "tensors": records,
@@ -160,7 +179,7 @@ def write_diff(diff: SparseDiff, path: str | os.PathLike) -> Path:
     }
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(stored, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(header)})
+        save_file(stored, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(header, separators=(",", ":"))})
     return path
 
 
@@ -189,42 +208,54 @@ def read_diff(path: str | os.PathLike) -> SparseDiff:
         header = json.loads(raw)
         version = header["format_version"]
         records = header["tensors"]
+        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+            raise TypeError
     except (json.JSONDecodeError, KeyError, TypeError):
         raise DiffError(f"{path} is corrupted: its diff metadata does not parse.") from None
     if version != FORMAT_VERSION:
         raise DiffError(f"{path} is format version {version}; this lightning-sft reads version {FORMAT_VERSION}.")
     if header.get("content_sha256") != _content_digest(stored):
         raise DiffError(f"{path} is corrupted: its stored bytes do not match the digest written with them.")
-    expected = {f"{name}/{part}" for name in records for part in _PARTS}
-    if set(stored) != expected:
-        raise DiffError(f"{path} is corrupted: its tensors do not match its metadata.")
-    tensors = {}
-    for name, record in records.items():
-        try:
-            tensors[name] = _tensor_diff(name, record, stored)
-        except (ValueError, KeyError, TypeError) as error:
-            raise DiffError(f"{path} is corrupted at {name!r}: {error}") from None
+    try:
+        tensors = _split(records, stored)
+    except (ValueError, KeyError, TypeError) as error:
+        raise DiffError(f"{path} is corrupted: {error}") from None
     info = {k: v for k, v in header.items() if k not in _RESERVED}
     return SparseDiff(tensors, header["base_fingerprint"], header["tuned_fingerprint"], info)
 
 
-def _tensor_diff(name: str, record: Mapping[str, Any], stored: Mapping[str, torch.Tensor]) -> TensorDiff:
-    shape = tuple(int(s) for s in record["shape"])
-    dtype = _DTYPES[record["dtype"]]
-    nnz, fixups = int(record["nnz"]), int(record["fixups"])
-    numel = int(torch.Size(shape).numel())
-    values = stored[f"{name}/values"]
-    if values.dtype != dtype or values.shape != (nnz,):
-        raise ValueError(f"values are {values.dtype} {tuple(values.shape)}, expected {dtype} ({nnz},).")
-    for part in ("fixup_base", "fixup_tuned"):
-        if stored[f"{name}/{part}"].dtype != dtype or stored[f"{name}/{part}"].shape != (fixups,):
-            raise ValueError(f"{part} does not hold {fixups} {dtype} values.")
-    return TensorDiff(
-        shape=shape, indices=decode_indices(stored[f"{name}/indices"], nnz, numel), values=values,
-        fixup_positions=decode_indices(stored[f"{name}/fixup_positions"], fixups, nnz),
-        fixup_base=stored[f"{name}/fixup_base"], fixup_tuned=stored[f"{name}/fixup_tuned"],
-        base_sha256=str(record["base_sha256"]), tuned_sha256=str(record["tuned_sha256"]),
-    )
+def _split(records: list[dict[str, Any]], stored: Mapping[str, torch.Tensor]) -> dict[str, TensorDiff]:
+    """Cut the concatenated parts back into per-tensor diffs, checking every count against the metadata."""
+    offsets = dict.fromkeys(stored, 0)
+
+    def take(key: str, count: int) -> torch.Tensor:
+        if key not in stored:
+            raise KeyError(f"the part {key!r} is missing")
+        start = offsets[key]
+        if start + count > stored[key].numel():
+            raise ValueError(f"the part {key!r} is shorter than its metadata says")
+        offsets[key] = start + count
+        return stored[key][start:start + count]
+
+    tensors = {}
+    for record in records:
+        name, dtype = str(record["name"]), str(record["dtype"])
+        if dtype not in _DTYPES or stored.get(f"values.{dtype}", torch.empty(0, dtype=_DTYPES[dtype])).dtype != _DTYPES[dtype]:
+            raise ValueError(f"{name!r} has values of an unknown or mismatched dtype {dtype!r}")
+        shape = tuple(int(size) for size in record["shape"])
+        nnz, fixups = int(record["nnz"]), int(record["fixups"])
+        tensors[name] = TensorDiff(
+            shape=shape,
+            indices=decode_indices(take("indices", int(record["index_bytes"])), nnz, int(torch.Size(shape).numel())),
+            values=take(f"values.{dtype}", nnz),
+            fixup_positions=decode_indices(take("fixup_positions", int(record["fixup_bytes"])), fixups, nnz),
+            fixup_base=take(f"fixup_base.{dtype}", fixups),
+            base_digest=str(record["base_digest"]), tuned_digest=str(record["tuned_digest"]),
+        )
+    leftover = [key for key, used in offsets.items() if used != stored[key].numel()]
+    if leftover:
+        raise ValueError(f"the part {leftover[0]!r} holds more than its metadata lists")
+    return tensors
 
 
 # -- modules ------------------------------------------------------------------------------------------
@@ -248,7 +279,7 @@ def save_diff(module: nn.Module, path: str | os.PathLike) -> Path:
         indices = layer.delta_indices[order]
         updates[names[id(layer.base_layer.weight)]] = (indices, layer.tuned_weight().reshape(-1)[indices])
     selections = sorted({layer.selection for layer in layers.values()})
-    dtypes = sorted({str(layer.base_layer.weight.dtype).removeprefix("torch.") for layer in layers.values()})
+    dtypes = sorted({_dtype_name(layer.base_layer.weight.dtype) for layer in layers.values()})
     info = {"source": "sparse-finetuning", "selection": ",".join(selections), "dtype": ",".join(dtypes)}
     return write_diff(make_diff(base, updates, info), path)
 
@@ -284,7 +315,7 @@ def export_lora_diff(module: nn.Module, path: str | os.PathLike, density: float 
             kept += float(change[indices].square().sum())
             total += float(change.square().sum())
             updates[names[id(layer.base_layer.weight)]] = (indices, tuned[indices])
-    dtypes = sorted({str(layer.base_layer.weight.dtype).removeprefix("torch.") for layer in layers.values()})
+    dtypes = sorted({_dtype_name(layer.base_layer.weight.dtype) for layer in layers.values()})
     info = {
         "source": "lora", "selection": "lora-merged" if density is None else "lora-top-magnitude",
         "dtype": ",".join(dtypes), "energy_kept": kept / total if total else 1.0,
@@ -359,15 +390,15 @@ def _check_state(params: Mapping[str, torch.Tensor], diff: SparseDiff, forward: 
     for name, t in diff.tensors.items():
         param = params[name]
         digests[name] = _digest(param.detach().reshape(-1)[t.indices.to(param.device)])
-    if forward and all(digests[n] == t.tuned_sha256 for n, t in diff.tensors.items()) and (
+    if forward and all(digests[n] == t.tuned_digest for n, t in diff.tensors.items()) and (
         fingerprint == diff.tuned_fingerprint
     ):
         raise DiffError("This diff is already applied to the model; revert it first, or load a fresh base.")
-    if not forward and all(digests[n] == t.base_sha256 for n, t in diff.tensors.items()) and (
+    if not forward and all(digests[n] == t.base_digest for n, t in diff.tensors.items()) and (
         fingerprint == diff.base_fingerprint
     ):
         raise DiffError("This diff is not applied to the model (it holds the base weights); there is nothing to revert.")
-    wanted = "base_sha256" if forward else "tuned_sha256"
+    wanted = "base_digest" if forward else "tuned_digest"
     changed = [n for n, t in diff.tensors.items() if digests[n] != getattr(t, wanted)]
     if fingerprint != expected or changed:
         what = "the base it was made for" if forward else "the base with this diff applied"
