@@ -25,7 +25,7 @@ from lightning_sft.sparse_ft import (
     save_diff,
     sparse_delta_layers,
 )
-from lightning_sft.sparse_ft.index_coding import decode_indices, encode_indices
+from lightning_sft.sparse_ft.index_coding import decode_indices, decode_signed, encode_indices, encode_signed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,8 +59,14 @@ def test_bad_indices_and_streams_are_refused() -> None:
         decode_indices(stream, 4, 10**4)
     with pytest.raises(ValueError, match="past the end"):
         decode_indices(stream, 3, 9000)
-    with pytest.raises(ValueError, match="complete indices"):
+    with pytest.raises(ValueError, match="complete values"):
         decode_indices(stream[:-1], 3, 10**4)  # truncated inside the last index
+
+
+def test_signed_values_round_trip_and_small_ones_take_one_byte() -> None:
+    values = torch.tensor([0, -1, 1, -64, 63, 2**40, -(2**40), 2**63 - 1, -(2**63)])
+    assert torch.equal(decode_signed(encode_signed(values), values.numel()), values)
+    assert encode_signed(torch.arange(-64, 64)).numel() == 128
 
 
 def test_fingerprint_patches_equal_the_fingerprint_of_the_patched_tensors() -> None:

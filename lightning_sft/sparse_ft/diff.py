@@ -6,9 +6,10 @@ One safetensors file holding, for all changed tensors together (in the order of 
 - ``indices``: each tensor's changed flat positions, sorted, as LEB128 varint gaps (uint8);
 - ``values.<dtype>``: the deltas in the weight's dtype, chosen so that ``base + delta`` is the tuned
   value bit for bit;
-- ``fixup_positions`` / ``fixup_base.<dtype>``: the entries where floating-point ``tuned - delta``
-  is not the base (a delta much larger than its weight rounds the weight's low bits away), with the
-  base value, so revert is exact too.
+- ``fixup_mask`` / ``fixup_residuals``: where floating-point ``tuned - delta`` is not the base (a
+  delta larger than its weight rounds the weight's low bits away), a bit per entry, and for those
+  entries the distance to the base in units in the last place (zigzag varints, almost always one
+  byte), so revert is exact too.
 
 The metadata (JSON under ``lightning_sft.sparse_diff``) lists each tensor's name, shape and counts,
 the fingerprints of the base and the tuned model, digests of each tensor's changed entries before
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -36,7 +38,7 @@ from lightning_sft.adapters.peft_format import peft_root
 from lightning_sft.atomic_io import atomic_path
 from lightning_sft.fingerprint import base_parameters, fingerprint_tensors
 from lightning_sft.sparse_ft.delta_layer import sparse_delta_layers
-from lightning_sft.sparse_ft.index_coding import decode_indices, encode_indices
+from lightning_sft.sparse_ft.index_coding import decode_indices, decode_signed, encode_indices, encode_signed
 from lightning_sft.sparse_ft.selection import entry_count, top_entries, validate_density
 
 METADATA_KEY = "lightning_sft.sparse_diff"
@@ -63,7 +65,7 @@ class TensorDiff:
     indices: torch.Tensor
     values: torch.Tensor
     fixup_positions: torch.Tensor
-    fixup_base: torch.Tensor
+    fixup_residuals: torch.Tensor
     base_digest: str
     tuned_digest: str
 
@@ -76,7 +78,9 @@ class TensorDiff:
 
     def reverted(self, tuned_entries: torch.Tensor) -> torch.Tensor:
         old = tuned_entries - self.values.to(tuned_entries.device)
-        old[self.fixup_positions.to(old.device)] = self.fixup_base.to(old.device)
+        positions = self.fixup_positions.to(old.device)
+        bits = _bits(old)
+        bits[positions] = (bits[positions].long() + self.fixup_residuals.to(old.device)).to(bits.dtype)
         return old
 
 
@@ -143,10 +147,14 @@ def make_diff(
             raise DiffError(f"The tuned values of {name!r} are not all finite (the training diverged); nothing was saved.")
         entries = weight.detach().reshape(-1)[indices.to(weight.device)].to("cpu")
         values = _exact_deltas(name, entries, tuned)
-        fixups = torch.nonzero(_bits(tuned - values) != _bits(entries)).reshape(-1)
+        approximate = tuned - values
+        fixups = torch.nonzero(_bits(approximate) != _bits(entries)).reshape(-1)
+        # Bit patterns of same-signed floats are ordered like the floats: the difference counts units
+        # in the last place. Integer arithmetic wraps, so adding it back is exact in every case.
+        residuals = _bits(entries)[fixups].long() - _bits(approximate)[fixups].long()
         tensors[name] = TensorDiff(
             shape=tuple(weight.shape), indices=indices, values=values, fixup_positions=fixups,
-            fixup_base=entries[fixups], base_digest=_digest(entries), tuned_digest=_digest(tuned),
+            fixup_residuals=residuals, base_digest=_digest(entries), tuned_digest=_digest(tuned),
         )
     patches = {name: (t.indices, t.tuned(base[name].detach().reshape(-1)[t.indices.to(base[name].device)].to("cpu")))
                for name, t in tensors.items()}
@@ -162,14 +170,17 @@ def write_diff(diff: SparseDiff, path: str | os.PathLike) -> Path:
     records = []
     for name, t in diff.tensors.items():
         dtype = _dtype_name(t.values.dtype)
-        index_stream, fixup_stream = encode_indices(t.indices), encode_indices(t.fixup_positions)
+        index_stream, residual_stream = encode_indices(t.indices), encode_signed(t.fixup_residuals)
+        mask = torch.zeros(t.indices.numel(), dtype=torch.bool)
+        mask[t.fixup_positions] = True
+        packed = torch.from_numpy(np.packbits(mask.numpy()))
         for key, tensor in (("indices", index_stream), (f"values.{dtype}", t.values),
-                            ("fixup_positions", fixup_stream), (f"fixup_base.{dtype}", t.fixup_base)):
+                            ("fixup_mask", packed), ("fixup_residuals", residual_stream)):
             parts.setdefault(key, []).append(tensor)
         records.append({
             "name": name, "shape": list(t.shape), "dtype": dtype, "nnz": t.indices.numel(),
-            "index_bytes": index_stream.numel(), "fixups": t.fixup_positions.numel(), "fixup_bytes": fixup_stream.numel(),
-            "base_digest": t.base_digest, "tuned_digest": t.tuned_digest,
+            "index_bytes": index_stream.numel(), "fixups": t.fixup_positions.numel(),
+            "residual_bytes": residual_stream.numel(), "base_digest": t.base_digest, "tuned_digest": t.tuned_digest,
         })
     stored = {key: torch.cat(tensors).contiguous() for key, tensors in parts.items()}
     header = {
@@ -244,12 +255,15 @@ def _split(records: list[dict[str, Any]], stored: Mapping[str, torch.Tensor]) ->
             raise ValueError(f"{name!r} has values of an unknown or mismatched dtype {dtype!r}")
         shape = tuple(int(size) for size in record["shape"])
         nnz, fixups = int(record["nnz"]), int(record["fixups"])
+        mask = np.unpackbits(take("fixup_mask", (nnz + 7) // 8).numpy(), count=nnz).astype(bool)
+        if int(mask.sum()) != fixups:
+            raise ValueError(f"{name!r} flags {int(mask.sum())} fixups, its metadata says {fixups}")
         tensors[name] = TensorDiff(
             shape=shape,
             indices=decode_indices(take("indices", int(record["index_bytes"])), nnz, int(torch.Size(shape).numel())),
             values=take(f"values.{dtype}", nnz),
-            fixup_positions=decode_indices(take("fixup_positions", int(record["fixup_bytes"])), fixups, nnz),
-            fixup_base=take(f"fixup_base.{dtype}", fixups),
+            fixup_positions=torch.from_numpy(np.flatnonzero(mask)),
+            fixup_residuals=decode_signed(take("fixup_residuals", int(record["residual_bytes"])), fixups),
             base_digest=str(record["base_digest"]), tuned_digest=str(record["tuned_digest"]),
         )
     leftover = [key for key, used in offsets.items() if used != stored[key].numel()]
