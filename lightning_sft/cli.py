@@ -283,7 +283,8 @@ class SFTCLI(LightningCLI):
         for callback in list(extra):
             replacing = [cb for cb in chosen if isinstance(cb, REPLACED_BY.get(type(callback), ()))]
             if replacing:
-                rank_zero_info(f"{type(replacing[0]).__name__} is on, so the default {type(callback).__name__} is not added.")
+                replaced, by = type(callback).__name__, type(replacing[0]).__name__
+                rank_zero_info(f"{by} is on, so the default {replaced} is not added.")
                 extra.remove(callback)
         return self._instantiate_trainer(config, extra)
 

@@ -299,6 +299,17 @@ def test_two_process_ddp_selects_and_trains_the_same_entries(tmp_path: Path) -> 
     assert sum(name.endswith("delta_indices") for name in weights) == 14
 
 
+def test_a_second_fit_continues_from_the_trained_deltas(tmp_path: Path) -> None:
+    module = _fit(tmp_path, 3, [SparseFineTuning(density=0.05)])
+    trained = {n: (l.delta_indices.clone(), l.delta_values.detach().clone()) for n, l in sparse_delta_layers(module).items()}
+    sft = SparseFineTuning(density=0.05)  # a new instance: it must not select again over the trained deltas
+    _trainer(tmp_path, 1, [sft]).fit(module, datamodule=_data())
+    for name, layer in sparse_delta_layers(module).items():
+        assert torch.equal(layer.delta_indices, trained[name][0])
+        assert not torch.equal(layer.delta_values, trained[name][1])  # trained on from where it was
+        assert (layer.delta_values - trained[name][1]).abs().max() < trained[name][1].abs().max()
+
+
 def test_order_of_callbacks_does_not_matter(tmp_path: Path) -> None:
     class _Other(pl.Callback):
         pass

@@ -137,8 +137,9 @@ class SparseFineTuning(Callback):
                 " the sparse deltas. Use ContextualSparsity with LoRA."
             )
         existing = sparse_delta_layers(pl_module)
-        if existing:  # a second fit with the same module: keep its deltas
+        if existing:  # a second fit with the same module: keep its deltas (and their selection)
             self.tuned_modules = list(existing)
+            self._selected = self._selected or all(layer.selected for layer in existing.values())
             return
         self.tuned_modules = inject_sparse_deltas(
             pl_module, self.density, self.selection, self.target_modules, self.exclude_modules
@@ -170,6 +171,7 @@ class SparseFineTuning(Callback):
             with torch.no_grad():
                 layer.delta_indices.copy_(top_entries(importance, layer.count))
                 layer.delta_values.zero_()
+            layer.selected = True
         self._selected = True
 
     def _score_before_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, Any]) -> None:
@@ -257,6 +259,10 @@ class SparseFineTuning(Callback):
             "last_reselect_step": self._last_reselect_step,
             "scores": {name: score.cpu() for name, score in self._scores.items()},
         }
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for layer in sparse_delta_layers(pl_module).values():
+            layer.selected = True  # the checkpoint's indices are a selection
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._selected = bool(state_dict["selected"])

@@ -69,7 +69,8 @@ class SparseDeltaLinear(nn.Module):
     """A frozen ``nn.Linear`` / ``Conv1D`` plus trainable deltas at ``count`` of its weight entries.
 
     ``delta_indices`` (a buffer, saved in checkpoints) are flat positions in the base weight as
-    stored; ``delta_values`` start at zero, so the wrapper starts as an exact no-op. Values train
+    stored, placeholders until a selection fills them; ``delta_values`` start at zero, so the wrapper
+    starts as an exact no-op. Values train
     in fp32 over a 16-bit base, since small updates underflow in bf16.
     """
 
@@ -86,6 +87,7 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("delta_indices", torch.arange(count, device=weight.device))
         self.delta_values = nn.Parameter(torch.zeros(count, dtype=dtype, device=weight.device))
         self.gradient_observer: GradientObserver | None = None
+        self.selected = False  # True once a selection (or a checkpoint) has filled delta_indices
 
     @property
     def count(self) -> int:
