@@ -17,7 +17,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_sft import EfficiencyMonitor, LayerDropout, LoRA
 from lightning_sft.adapters.injection import LoRAConfig, inject_lora
 from lightning_sft.cli import SFTCLI
-from lightning_sft.data import RandomTokenData
 from lightning_sft.layer_dropout.bandit import DiscountedUCB, validate_arms
 from lightning_sft.layer_dropout.dropper import LayerDropper
 from lightning_sft.layer_dropout.schedules import (
@@ -29,6 +28,7 @@ from lightning_sft.layer_dropout.stacks import attention_width, block_step_flops
 from lightning_sft.modules import CausalLM
 from tests import tiny_models
 from tests.ddp_helpers import run_ddp_and_compare_adapters
+from tests.tiny_fits import tiny_data, tiny_fit, tiny_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: see conftest.py
 
@@ -274,17 +274,6 @@ def test_a_block_that_changes_the_shape_is_refused() -> None:
 # --- the callback -----------------------------------------------------------------------------------------
 
 
-def _data(num_train: int = 24) -> RandomTokenData:
-    return RandomTokenData(seq_len=16, batch_size=4, num_train=num_train, num_val=8)
-
-
-def _trainer(root: Path, steps: int, callbacks: list[pl.Callback], **kwargs) -> pl.Trainer:
-    kwargs.setdefault("enable_checkpointing", False)
-    kwargs.setdefault("limit_val_batches", 0)
-    return pl.Trainer(default_root_dir=root, max_steps=steps, accelerator="cpu", callbacks=callbacks, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
-
-
 class _Record(pl.Callback):
     """The blocks dropped at every training step."""
 
@@ -294,16 +283,6 @@ class _Record(pl.Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         dropout = next(cb for cb in trainer.callbacks if isinstance(cb, LayerDropout))
         self.dropped.append(set(dropout.dropper.dropped))
-
-
-def _fit(root: Path, steps: int, callbacks: list[pl.Callback], ckpt_path: Path | None = None, **kwargs) -> CausalLM:
-    pl.seed_everything(0)
-    module = CausalLM(model="tiny-llama", lr=1e-2)
-    checkpointing = any(isinstance(cb, pl.callbacks.ModelCheckpoint) for cb in callbacks)
-    _trainer(root, steps, callbacks, enable_checkpointing=checkpointing, **kwargs).fit(
-        module, datamodule=_data(), ckpt_path=ckpt_path
-    )
-    return module
 
 
 def _trained(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -316,22 +295,22 @@ def test_fit_drops_blocks_reports_skipped_flops_and_validates_dense(tmp_path: Pa
     dropout = LayerDropout(rate=0.5, protect_first=0, protect_last=0, seed=1)
     pl.seed_everything(0)
     module = CausalLM(model="tiny-llama", lr=1e-2)
-    trainer = _trainer(tmp_path, 12, [LoRA(r=4), dropout, record, monitor], limit_val_batches=2, val_check_interval=6)
-    trainer.fit(module, datamodule=_data())
+    trainer = tiny_trainer(tmp_path, 12, [LoRA(r=4), dropout, record, monitor], limit_val_batches=2, val_check_interval=6)
+    trainer.fit(module, datamodule=tiny_data())
     assert record.dropped[0] == set()  # the first step is dense: it records the blocks' output format
     counts = [len(d) for d in record.dropped[1:]]
     assert 0 < sum(counts) < 2 * len(counts)
     assert monitor.fit_totals["effective_flops"] < monitor.fit_totals["dense_flops"]
     assert "forward" not in vars(module.model.model.layers[0])  # teardown put the forwards back
     # The fit's last validation (after step 12) ran dense: a plain evaluation of the weights agrees.
-    (result,) = _trainer(tmp_path, 1, [], limit_val_batches=2).validate(module, datamodule=_data(), verbose=False)
+    (result,) = tiny_trainer(tmp_path, 1, [], limit_val_batches=2).validate(module, datamodule=tiny_data(), verbose=False)
     assert result["val_loss"] == pytest.approx(float(trainer.callback_metrics["val_loss"]), rel=1e-6)
 
 
 def test_callback_order_does_not_matter(tmp_path: Path) -> None:
     def run(order: int) -> dict[str, torch.Tensor]:
         callbacks = [LoRA(r=4, dropout=0.1), LayerDropout(rate=0.5, protect_first=0, protect_last=0)]
-        return _trained(_fit(tmp_path / str(order), 5, callbacks[::order]))
+        return _trained(tiny_fit(tmp_path / str(order), 5, callbacks[::order]))
 
     first, second = run(1), run(-1)
     for name in first:
@@ -351,13 +330,13 @@ def test_resume_reproduces_the_uninterrupted_run(rate: float | str, tmp_path: Pa
                             arms=(0.0, 0.3, 0.6))
 
     straight_dropout = dropout()
-    straight = _trained(_fit(tmp_path / "a", 9, [LoRA(r=4), straight_dropout], limit_val_batches=1))
+    straight = _trained(tiny_fit(tmp_path / "a", 9, [LoRA(r=4), straight_dropout], limit_val_batches=1))
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
     # 24 sequences in batches of 4: step 6 ends an epoch, where Lightning resumes the data order exactly.
-    _fit(tmp_path / "b", 6, [LoRA(r=4), dropout(), ckpt], limit_val_batches=1)
+    tiny_fit(tmp_path / "b", 6, [LoRA(r=4), dropout(), ckpt], limit_val_batches=1)
     (path,) = list((tmp_path / "ckpt").glob("*.ckpt"))
     resumed_dropout = dropout()
-    resumed = _trained(_fit(tmp_path / "c", 9, [LoRA(r=4), resumed_dropout], ckpt_path=path, limit_val_batches=1))
+    resumed = _trained(tiny_fit(tmp_path / "c", 9, [LoRA(r=4), resumed_dropout], ckpt_path=path, limit_val_batches=1))
     assert resumed_dropout.batches_seen == straight_dropout.batches_seen == 9
     if rate == "auto":
         assert [d["rate"] for d in resumed_dropout.decisions] == [d["rate"] for d in straight_dropout.decisions]
@@ -369,9 +348,9 @@ def test_resume_reproduces_the_uninterrupted_run(rate: float | str, tmp_path: Pa
 def test_auto_tries_every_arm_then_logs_its_statistics(tmp_path: Path) -> None:
     dropout = LayerDropout(rate="auto", protect_first=0, protect_last=0, decide_every=2, probe_batches=1,
                            arms=(0.0, 0.25, 0.5))
-    trainer = _trainer(tmp_path, 8, [LoRA(r=4), dropout], limit_val_batches=1)
+    trainer = tiny_trainer(tmp_path, 8, [LoRA(r=4), dropout], limit_val_batches=1)
     pl.seed_everything(0)
-    trainer.fit(CausalLM(model="tiny-llama", lr=1e-2), datamodule=_data())
+    trainer.fit(CausalLM(model="tiny-llama", lr=1e-2), datamodule=tiny_data())
     assert [d["rate"] for d in dropout.decisions[:3]] == [0.0, 0.25, 0.5]
     assert sum(dropout.bandit.pulls) == len(dropout.decisions) == 4
     assert {"layer_dropout/reward", "layer_dropout/probe_loss", "layer_dropout/arm_0_mean_reward"} <= set(
@@ -421,10 +400,10 @@ def test_bad_arguments_are_refused_at_construction(kwargs: dict, match: str) -> 
 def test_bad_setups_are_refused_before_training(dropout: LayerDropout, match: str, tmp_path: Path) -> None:
     module = CausalLM(model="tiny-llama")
     before = {n: p.clone() for n, p in module.named_parameters()}
-    data = _data()
+    data = tiny_data()
     data.setup("fit")
     with pytest.raises((ValueError, TypeError), match=match):  # no validation data: nothing for 'auto' to probe
-        _trainer(tmp_path, 2, [dropout]).fit(module, train_dataloaders=data.train_dataloader())
+        tiny_trainer(tmp_path, 2, [dropout]).fit(module, train_dataloaders=data.train_dataloader())
     assert all(torch.equal(before[n], p) for n, p in module.named_parameters())
     assert not any("forward" in vars(layer) for layer in module.model.model.layers)
 
@@ -434,10 +413,10 @@ def test_unsupported_strategy_is_refused(tmp_path: Path) -> None:
         pass
 
     _Sharded.__name__ = "DeepSpeedStrategy"
-    trainer = _trainer(tmp_path, 1, [LayerDropout(protect_first=0, protect_last=0)],
+    trainer = tiny_trainer(tmp_path, 1, [LayerDropout(protect_first=0, protect_last=0)],
                        strategy=_Sharded(device=torch.device("cpu")))
     with pytest.raises(ValueError, match="strategy='ddp'"):
-        trainer.fit(CausalLM(model="tiny-llama"), datamodule=_data())
+        trainer.fit(CausalLM(model="tiny-llama"), datamodule=tiny_data())
 
 
 # --- the command line --------------------------------------------------------------------------------------

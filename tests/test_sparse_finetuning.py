@@ -21,6 +21,7 @@ from lightning_sft.sparse_ft import SparseDeltaLinear, sparse_delta_layers
 from lightning_sft.sparse_ft.selection import drop_and_regrow, entry_count, top_entries
 from tests import tiny_models
 from tests.ddp_helpers import run_ddp_and_compare_adapters
+from tests.tiny_fits import tiny_data, tiny_fit, tiny_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,25 +114,12 @@ def test_drop_and_regrow_replaces_the_smallest_deltas_with_the_best_new_entries(
 # --- the callback ----------------------------------------------------------------------------------------
 
 
-def _data(num_train: int = 32) -> RandomTokenData:
-    return RandomTokenData(seq_len=16, batch_size=4, num_train=num_train, num_val=8)
+def _data() -> RandomTokenData:
+    return tiny_data(32)  # 8 batches: enough for the default score_batches
 
 
-def _trainer(root: Path, steps: int, callbacks: list[pl.Callback], **kwargs) -> pl.Trainer:
-    kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(default_root_dir=root, max_steps=steps, accelerator="cpu", callbacks=callbacks, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, **kwargs)
-
-
-def _fit(root: Path, steps: int, callbacks: list[pl.Callback], ckpt_path: Path | None = None, **kwargs) -> CausalLM:
-    pl.seed_everything(0)
-    module = CausalLM(model="tiny-llama", lr=1e-2)
-    checkpointing = any(isinstance(cb, pl.callbacks.ModelCheckpoint) for cb in callbacks)
-    _trainer(root, steps, callbacks, enable_checkpointing=checkpointing, **kwargs).fit(
-        module, datamodule=_data(), ckpt_path=ckpt_path
-    )
-    return module
+def _fit(root: Path, steps: int, callbacks: list[pl.Callback], ckpt_path: Path | None = None) -> CausalLM:
+    return tiny_fit(root, steps, callbacks, ckpt_path, num_train=32)
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -142,7 +130,7 @@ def test_only_the_selected_entries_change(tmp_path: Path) -> None:
     pl.seed_everything(0)
     module = CausalLM(model="tiny-llama", lr=1e-2)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    trainer = _trainer(tmp_path, 5, [SparseFineTuning(density=0.05)])
+    trainer = tiny_trainer(tmp_path, 5, [SparseFineTuning(density=0.05)])
     trainer.fit(module, datamodule=_data())
     layers = sparse_delta_layers(module.model)
     assert len(layers) == 14  # every linear layer but the (tied) head
@@ -164,7 +152,7 @@ def test_trainable_state_and_optimizer_memory_scale_with_the_density(tmp_path: P
     for density in (0.01, 0.1):
         pl.seed_everything(0)
         module = CausalLM(model="tiny-llama", lr=1e-2)
-        trainer = _trainer(tmp_path, 2, [SparseFineTuning(density=density, selection="weight")])
+        trainer = tiny_trainer(tmp_path, 2, [SparseFineTuning(density=density, selection="weight")])
         trainer.fit(module, datamodule=_data())
         count = sum(layer.count for layer in sparse_delta_layers(module).values())
         assert sum(p.numel() for p in module.parameters() if p.requires_grad) == count
@@ -205,7 +193,7 @@ def test_gradient_selections_pick_the_top_entries_of_the_accumulated_gradients(s
     pl.seed_everything(0)
     module = CausalLM(model="tiny-llama", lr=1e-2)
     # RandomTokenData does not shuffle, so the calibration reads the same first three batches.
-    _trainer(tmp_path, 1, [sft], max_epochs=1, limit_train_batches=0).fit(module, datamodule=data)
+    tiny_trainer(tmp_path, 1, [sft], max_epochs=1, limit_train_batches=0).fit(module, datamodule=data)
     grads = _dense_grads(reference, batches, names)
     layers = sparse_delta_layers(module.model)
     for name in names:
@@ -258,7 +246,7 @@ def test_reselection_drops_the_smallest_deltas_and_resets_their_optimizer_state(
     snapshot = _Snapshot()
     pl.seed_everything(0)
     module = CausalLM(model="tiny-llama", lr=1e-2)
-    trainer = _trainer(tmp_path, 4, [snapshot, sft])
+    trainer = tiny_trainer(tmp_path, 4, [snapshot, sft])
     trainer.fit(module, datamodule=_data())
     assert float(trainer.callback_metrics["sparse_ft/regrown"]) > 0
     (optimizer,) = trainer.optimizers
@@ -303,7 +291,7 @@ def test_a_second_fit_continues_from_the_trained_deltas(tmp_path: Path) -> None:
     module = _fit(tmp_path, 3, [SparseFineTuning(density=0.05)])
     trained = {n: (l.delta_indices.clone(), l.delta_values.detach().clone()) for n, l in sparse_delta_layers(module).items()}
     sft = SparseFineTuning(density=0.05)  # a new instance: it must not select again over the trained deltas
-    _trainer(tmp_path, 1, [sft]).fit(module, datamodule=_data())
+    tiny_trainer(tmp_path, 1, [sft]).fit(module, datamodule=_data())
     for name, layer in sparse_delta_layers(module).items():
         assert torch.equal(layer.delta_indices, trained[name][0])
         assert not torch.equal(layer.delta_values, trained[name][1])  # trained on from where it was
@@ -357,7 +345,7 @@ def test_conflicting_setups_are_refused_before_any_change(callbacks: list, match
     module = CausalLM(model="tiny-llama")
     before = _state(module)
     with pytest.raises((ValueError, RuntimeError), match=match):
-        _trainer(tmp_path, 1, callbacks).fit(module, datamodule=_data())
+        tiny_trainer(tmp_path, 1, callbacks).fit(module, datamodule=_data())
     after = _state(module)
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
     assert not sparse_delta_layers(module)
@@ -377,7 +365,7 @@ def test_unsupported_strategy_is_refused(tmp_path: Path) -> None:
         pass
 
     _Sharded.__name__ = "FSDPStrategy"
-    trainer = _trainer(tmp_path, 1, [SparseFineTuning()], strategy=_Sharded(device=torch.device("cpu")))
+    trainer = tiny_trainer(tmp_path, 1, [SparseFineTuning()], strategy=_Sharded(device=torch.device("cpu")))
     with pytest.raises(RuntimeError, match="strategy='ddp'"):
         trainer.fit(CausalLM(model="tiny-llama"), datamodule=_data())
 

@@ -44,7 +44,10 @@ from lightning_sft.sparse_ft.selection import entry_count, top_entries, validate
 METADATA_KEY = "lightning_sft.sparse_diff"
 FORMAT_VERSION = 1
 # Header fields write_diff fills in; the rest is the caller's information (source, selection, ...).
-_RESERVED = ("format_version", "base_fingerprint", "tuned_fingerprint", "nnz", "density", "tensors", "content_sha256")
+_RESERVED = ("format_version", "base_fingerprint", "tuned_fingerprint", "nnz", "density", "tensor_columns", "tensors",
+             "content_sha256")
+# One row per tensor in the metadata (rows rather than objects: the keys would repeat for every tensor).
+_COLUMNS = ("name", "shape", "dtype", "nnz", "index_bytes", "fixups", "residual_bytes", "base_digest", "tuned_digest")
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -177,16 +180,15 @@ def write_diff(diff: SparseDiff, path: str | os.PathLike) -> Path:
         for key, tensor in (("indices", index_stream), (f"values.{dtype}", t.values),
                             ("fixup_mask", packed), ("fixup_residuals", residual_stream)):
             parts.setdefault(key, []).append(tensor)
-        records.append({
-            "name": name, "shape": list(t.shape), "dtype": dtype, "nnz": t.indices.numel(),
-            "index_bytes": index_stream.numel(), "fixups": t.fixup_positions.numel(),
-            "residual_bytes": residual_stream.numel(), "base_digest": t.base_digest, "tuned_digest": t.tuned_digest,
-        })
+        records.append([
+            name, list(t.shape), dtype, t.indices.numel(), index_stream.numel(), t.fixup_positions.numel(),
+            residual_stream.numel(), t.base_digest, t.tuned_digest,
+        ])
     stored = {key: torch.cat(tensors).contiguous() for key, tensors in parts.items()}
     header = {
         "format_version": FORMAT_VERSION, "base_fingerprint": diff.base_fingerprint,
-        "tuned_fingerprint": diff.tuned_fingerprint, "nnz": diff.nnz, "density": diff.density, "tensors": records,
-        "content_sha256": _content_digest(stored), **diff.info,
+        "tuned_fingerprint": diff.tuned_fingerprint, "nnz": diff.nnz, "density": diff.density,
+        "tensor_columns": list(_COLUMNS), "tensors": records, "content_sha256": _content_digest(stored), **diff.info,
     }
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -215,24 +217,33 @@ def read_diff(path: str | os.PathLike) -> SparseDiff:
         raise DiffError(f"{path} is corrupted or truncated: {error}") from None
     if raw is None:
         raise DiffError(f"{path} is a safetensors file but not a sparse diff (no {METADATA_KEY!r} metadata).")
-    try:
-        header = json.loads(raw)
-        version = header["format_version"]
-        records = header["tensors"]
-        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
-            raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise DiffError(f"{path} is corrupted: its diff metadata does not parse.") from None
-    if version != FORMAT_VERSION:
-        raise DiffError(f"{path} is format version {version}; this lightning-sft reads version {FORMAT_VERSION}.")
+    header = _parse_header(raw, path)
     if header.get("content_sha256") != _content_digest(stored):
         raise DiffError(f"{path} is corrupted: its stored bytes do not match the digest written with them.")
     try:
-        tensors = _split(records, stored)
+        tensors = _split(header["tensors"], stored)
     except (ValueError, KeyError, TypeError) as error:
         raise DiffError(f"{path} is corrupted: {error}") from None
     info = {k: v for k, v in header.items() if k not in _RESERVED}
     return SparseDiff(tensors, header["base_fingerprint"], header["tuned_fingerprint"], info)
+
+
+def _parse_header(raw: str, path: Path) -> dict[str, Any]:
+    """The metadata, with ``tensors`` as one dict per tensor; DiffError if it is not version 1's layout."""
+    try:
+        header = json.loads(raw)
+        version = header["format_version"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DiffError(f"{path} is corrupted: its diff metadata does not parse.") from None
+    if version != FORMAT_VERSION:
+        raise DiffError(f"{path} is format version {version}; this lightning-sft reads version {FORMAT_VERSION}.")
+    try:
+        if header["tensor_columns"] != list(_COLUMNS):
+            raise ValueError
+        header["tensors"] = [dict(zip(_COLUMNS, row, strict=True)) for row in header["tensors"]]
+    except (KeyError, TypeError, ValueError):
+        raise DiffError(f"{path} is corrupted: its table of tensors does not parse.") from None
+    return header
 
 
 def _split(records: list[dict[str, Any]], stored: Mapping[str, torch.Tensor]) -> dict[str, TensorDiff]:
