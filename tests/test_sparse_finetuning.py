@@ -169,6 +169,7 @@ def _dense_grads(module: CausalLM, batches: list[dict[str, torch.Tensor]], names
     grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for param in module.parameters():
         param.requires_grad_(False)
+    module.log = lambda *args, **kwargs: None  # outside a Trainer
     weights = {name: module.model.get_submodule(name).weight for name in names}
     for weight in weights.values():
         weight.requires_grad_(True)
