@@ -113,22 +113,21 @@ def _layer_dropout(value: str) -> LayerDropout | None:
         return None
     if value == "auto":
         return LayerDropout(rate="auto")
-    try:
-        rate = float(value)
-    except ValueError:
-        raise ValueError(f"use off, auto or a drop rate in [0, 1) such as 0.2; got {value!r}") from None
-    return LayerDropout(rate=rate)
+    return LayerDropout(rate=_number(value, "off, auto or a drop rate in [0, 1) such as 0.2"))
 
 
 def _sft_density(value: str) -> SparseFineTuning | None:
     """``--sft-density``: ``off`` or the fraction of each weight's entries to train, such as 0.01."""
     if value == "off":
         return None
+    return SparseFineTuning(density=_number(value, "off or a density in (0, 1] such as 0.01"))
+
+
+def _number(value: str, usage: str) -> float:
     try:
-        density = float(value)
+        return float(value)
     except ValueError:
-        raise ValueError(f"use off or a density in (0, 1] such as 0.01; got {value!r}") from None
-    return SparseFineTuning(density=density)
+        raise ValueError(f"use {usage}; got {value!r}") from None
 
 
 def _usage_error(build: Callable[[str], Callback | None]) -> Callable[[str], str]:

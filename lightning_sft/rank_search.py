@@ -55,12 +55,6 @@ def validate_penalty(penalty: Any) -> float:
     return float(penalty)
 
 
-def validate_count(value: Any, name: str, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}. {hint}")
-    return value
-
-
 # -- parameter counts and scores ------------------------------------------------------------------------
 
 def adapter_params(shapes: Mapping[str, tuple[int, int]], ranks: int | Mapping[str, int]) -> int:

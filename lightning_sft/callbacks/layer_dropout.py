@@ -29,18 +29,13 @@ from lightning_sft.layer_dropout.schedules import (
     validate_schedule,
 )
 from lightning_sft.layer_dropout.stacks import find_stacks
+from lightning_sft.validation import check_int
 
 FLOPS_SOURCE = "layer_dropout"
 DEFAULT_ARMS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 _WHO = "LayerDropout(rate='auto')"
 # Mixes the seed and the batch counter into one generator seed per step (a large odd multiplier).
 _SEED_STRIDE = 0x9E3779B97F4A7C15
-
-
-def _check_int(value: Any, name: str, low: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}. {hint}")
-    return value
 
 
 def _val_loader(trainer: pl.Trainer) -> Any:
@@ -88,13 +83,13 @@ class LayerDropout(Callback):
         self.auto = rate == "auto"
         self.rate = 0.0 if self.auto else validate_rate(rate)
         self.schedule = validate_schedule(schedule)
-        self.protect_first = _check_int(protect_first, "protect_first", 0, "The first block is often kept (default 1).")
-        self.protect_last = _check_int(protect_last, "protect_last", 0, "The last block is often kept (default 1).")
+        self.protect_first = check_int(protect_first, "protect_first", 0, "The first block is often kept (default 1).")
+        self.protect_last = check_int(protect_last, "protect_last", 0, "The last block is often kept (default 1).")
         if not isinstance(per_sample, bool):
             raise ValueError(f"`per_sample` must be True or False; got {per_sample!r}.")
         self.per_sample = per_sample
         if seed is not None:
-            _check_int(seed, "seed", 0, "Leave it None to use the global seed.")
+            check_int(seed, "seed", 0, "Leave it None to use the global seed.")
         self.seed = seed
         if blocks is not None and (isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks)):
             raise ValueError(f"`blocks` must be a list of dotted module paths such as ['model.layers']; got {blocks!r}.")
@@ -103,8 +98,8 @@ class LayerDropout(Callback):
             raise ValueError(f"`gamma` must be a number > 0; got {gamma!r}. 0.001 reaches 63% of the rate after 1000 steps.")
         self.gamma = float(gamma)
         self.arms = validate_arms(arms)
-        self.decide_every = _check_int(decide_every, "decide_every", 1, "A window of 10-50 steps suits most runs.")
-        self.probe_batches = _check_int(probe_batches, "probe_batches", 1, "A few validation batches suffice.")
+        self.decide_every = check_int(decide_every, "decide_every", 1, "A window of 10-50 steps suits most runs.")
+        self.probe_batches = check_int(probe_batches, "probe_batches", 1, "A few validation batches suffice.")
         self.bandit = DiscountedUCB(len(self.arms), discount, exploration) if self.auto else None
 
         self.dropper: LayerDropper | None = None

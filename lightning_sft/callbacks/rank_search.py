@@ -37,10 +37,10 @@ from lightning_sft.rank_search import (
     halving_schedule,
     score,
     validate_candidates,
-    validate_count,
     validate_penalty,
 )
 from lightning_sft.rng import capture_rng, restore_rng
+from lightning_sft.validation import check_int
 
 _SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 _ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
@@ -81,13 +81,13 @@ class AdaptiveRankSearch(Callback):
         rounds: int = 2,
     ) -> None:
         self.candidates = validate_candidates(candidates)
-        self.trial_steps = validate_count(trial_steps, "trial_steps", "Each trial needs at least one optimizer step.")
-        self.val_batches = validate_count(val_batches, "val_batches", "Each trial is scored on validation batches.")
+        self.trial_steps = check_int(trial_steps, "trial_steps", 1, "Each trial needs at least one optimizer step.")
+        self.val_batches = check_int(val_batches, "val_batches", 1, "Each trial is scored on validation batches.")
         self.penalty = validate_penalty(penalty)
         if not isinstance(per_module, bool):
             raise ValueError(f"`per_module` must be True or False; got {per_module!r}.")
         self.per_module = per_module
-        self.rounds = validate_count(rounds, "rounds", "1 trains every candidate once; 2 (the default) adds a longer round.")
+        self.rounds = check_int(rounds, "rounds", 1, "1 trains every candidate once; 2 (the default) adds a longer round.")
         self.schedule = halving_schedule(len(self.candidates), self.rounds, self.trial_steps)
         # The choice and the trial table; restored from checkpoints so a resumed fit does not search again.
         self.record: dict[str, Any] | None = None

@@ -22,6 +22,7 @@ from lightning_sft.adapters.targeting import ALL_LINEAR, select_targets, validat
 from lightning_sft.callbacks.contextual_sparsity import ContextualSparsity
 from lightning_sft.callbacks.lora import LoRA
 from lightning_sft.callbacks.side_loop import fit_dataloader, outside_the_fit, step_loss, take_batches
+from lightning_sft.rng import capture_rng, restore_rng
 from lightning_sft.sparse_ft.delta_layer import SparseDeltaLinear, sparse_delta_layers
 from lightning_sft.sparse_ft.selection import (
     GRADIENT_SELECTIONS,
@@ -35,17 +36,13 @@ from lightning_sft.sparse_ft.selection import (
     validate_fraction,
     validate_selection,
 )
+from lightning_sft.validation import check_int
 
 _WHO = "SparseFineTuning"
 # Sharded strategies flatten parameters; the deltas' index buffers would not follow.
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 # Mixes the seed and the reselection count into one generator seed (a large odd multiplier).
 _SEED_STRIDE = 0x9E3779B97F4A7C15
-
-
-def _check_int(value: Any, name: str, low: int, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}. {hint}")
 
 
 class SparseFineTuning(Callback):
@@ -86,9 +83,9 @@ class SparseFineTuning(Callback):
         validate_selection(selection)
         validate_target_spec(target_modules, "target_modules")
         validate_target_spec(exclude_modules, "exclude_modules")
-        _check_int(score_batches, "score_batches", 1, "8 batches usually rank entries well.")
+        check_int(score_batches, "score_batches", 1, "8 batches usually rank entries well.")
         if reselect_every is not None:
-            _check_int(reselect_every, "reselect_every", 1, "Use None to keep the first selection.")
+            check_int(reselect_every, "reselect_every", 1, "Use None to keep the first selection.")
             if selection == "weight":
                 raise ValueError(
                     "selection='weight' with reselect_every: the frozen weights never change, so a reselection"
@@ -101,7 +98,7 @@ class SparseFineTuning(Callback):
                 )
         validate_fraction(regrow_fraction, "regrow_fraction", "SpIEL swaps about 0.2 of the entries each time.")
         if seed is not None:
-            _check_int(seed, "seed", 0, "Use None for the global seed.")
+            check_int(seed, "seed", 0, "Use None for the global seed.")
         self.density = density
         self.selection = selection
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
@@ -161,15 +158,8 @@ class SparseFineTuning(Callback):
         if self.selection in GRADIENT_SELECTIONS:
             self._score_before_fit(trainer, pl_module, layers)
         for name, layer in layers.items():
-            numel = layer.base_layer.weight.numel()
-            if self.selection == "weight":
-                importance = layer.base_layer.weight.detach().abs()
-            elif self.selection == "random":
-                importance = random_importance(numel, self._generator(name))
-            else:
-                importance = ranking(self._scores.pop(name), self.selection)
             with torch.no_grad():
-                layer.delta_indices.copy_(top_entries(importance, layer.count))
+                layer.delta_indices.copy_(top_entries(self._importance(name, layer), layer.count))
                 layer.delta_values.zero_()
             layer.selected = True
         self._selected = True
@@ -179,7 +169,7 @@ class SparseFineTuning(Callback):
         in the fit: the global RNG, module modes and gradients are as they were."""
         why = f"selection={self.selection!r} scores entries by gradients of training batches"
         loader = fit_dataloader(trainer, trainer.fit_loop._data_source, RunningStage.TRAINING, _WHO, why)
-        rng = torch.get_rng_state()
+        rng = capture_rng()
         self._observe(layers)
         try:
             with outside_the_fit(pl_module):
@@ -187,7 +177,7 @@ class SparseFineTuning(Callback):
                     step_loss(trainer, pl_module, batch, index, trainer.precision_plugin.forward_context, _WHO).backward()
         finally:
             self._observe(layers, on=False)
-            torch.set_rng_state(rng)
+            restore_rng(rng)
             for layer in layers.values():
                 layer.delta_values.grad = None
         self._reduce_scores(trainer)
@@ -213,10 +203,7 @@ class SparseFineTuning(Callback):
         self._reselections += 1
         swapped = 0
         for name, layer in layers.items():
-            if self.selection == "random":
-                importance = random_importance(layer.base_layer.weight.numel(), self._generator(name))
-            else:
-                importance = ranking(self._scores.pop(name), self.selection)
+            importance = self._importance(name, layer)
             positions, new = drop_and_regrow(layer.delta_indices, layer.delta_values, importance, self.regrow_fraction)
             with torch.no_grad():
                 layer.delta_indices[positions] = new.to(layer.delta_indices.device)
@@ -226,6 +213,14 @@ class SparseFineTuning(Callback):
         self._scores.clear()
         self._last_reselect_step = step
         pl_module.log("sparse_ft/regrown", float(swapped), on_step=True, on_epoch=False)
+
+    def _importance(self, name: str, layer: SparseDeltaLinear) -> torch.Tensor:
+        """What ranks the layer's entries now; a gradient score is used up by the choice it makes."""
+        if self.selection == "weight":
+            return layer.base_layer.weight.detach().abs()
+        if self.selection == "random":
+            return random_importance(layer.base_layer.weight.numel(), self._generator(name))
+        return ranking(self._scores.pop(name), self.selection)
 
     def _observe(self, layers: dict[str, SparseDeltaLinear], on: bool = True) -> None:
         for name, layer in layers.items():

@@ -141,7 +141,7 @@ def make_diff(
 ) -> SparseDiff:
     """The diff taking the ``base`` tensors (all of the model's, by name) to the tuned entries
     ``updates[name] = (sorted flat indices, tuned values in the tensor's dtype)``."""
-    tensors = {}
+    tensors, patches = {}, {}
     for name, (indices, tuned) in sorted(updates.items()):
         weight = base[name]
         indices = indices.detach().to("cpu", torch.int64)
@@ -159,8 +159,7 @@ def make_diff(
             shape=tuple(weight.shape), indices=indices, values=values, fixup_positions=fixups,
             fixup_residuals=residuals, base_digest=_digest(entries), tuned_digest=_digest(tuned),
         )
-    patches = {name: (t.indices, t.tuned(base[name].detach().reshape(-1)[t.indices.to(base[name].device)].to("cpu")))
-               for name, t in tensors.items()}
+        patches[name] = (indices, tuned)
     return SparseDiff(tensors, fingerprint_tensors(base.items()), fingerprint_tensors(base.items(), patches), info)
 
 
@@ -369,17 +368,18 @@ def _change(module: nn.Module, diff: SparseDiff, forward: bool, verify: bool) ->
     root, _ = peft_root(module)
     params = base_parameters(root)
     _check_layout(root, params, diff)
+    current = {
+        name: params[name].detach().reshape(-1)[t.indices.to(params[name].device)] for name, t in diff.tensors.items()
+    }
     if verify:
-        _check_state(params, diff, forward)
+        _check_state(params, diff, current, forward)
     new_entries = {}
     for name, t in diff.tensors.items():
-        param = params[name]
-        current = param.detach().reshape(-1)[t.indices.to(param.device)]
         if verify:
-            new_entries[name] = t.tuned(current) if forward else t.reverted(current)
+            new_entries[name] = t.tuned(current[name]) if forward else t.reverted(current[name])
         else:
-            values = t.values.to(param.device)
-            new_entries[name] = current + values if forward else current - values
+            values = t.values.to(current[name].device)
+            new_entries[name] = current[name] + values if forward else current[name] - values
     with torch.no_grad():
         for name, entries in new_entries.items():
             params[name].view(-1)[diff.tensors[name].indices.to(entries.device)] = entries
@@ -408,13 +408,14 @@ def _check_layout(root: nn.Module, params: Mapping[str, torch.Tensor], diff: Spa
             raise DiffError(f"{name!r} is not contiguous; call .contiguous() on the model's weights first.")
 
 
-def _check_state(params: Mapping[str, torch.Tensor], diff: SparseDiff, forward: bool) -> None:
+def _check_state(
+    params: Mapping[str, torch.Tensor], diff: SparseDiff, current: Mapping[str, torch.Tensor], forward: bool
+) -> None:
+    """Refuse unless the model is the diff's base (apply) or that base with the diff applied (revert);
+    ``current`` holds the model's values at the diff's entries."""
     fingerprint = fingerprint_tensors(params.items())
     expected = diff.base_fingerprint if forward else diff.tuned_fingerprint
-    digests = {}
-    for name, t in diff.tensors.items():
-        param = params[name]
-        digests[name] = _digest(param.detach().reshape(-1)[t.indices.to(param.device)])
+    digests = {name: _digest(entries) for name, entries in current.items()}
     if forward and all(digests[n] == t.tuned_digest for n, t in diff.tensors.items()) and (
         fingerprint == diff.tuned_fingerprint
     ):
@@ -423,8 +424,7 @@ def _check_state(params: Mapping[str, torch.Tensor], diff: SparseDiff, forward: 
         fingerprint == diff.base_fingerprint
     ):
         raise DiffError("This diff is not applied to the model (it holds the base weights); there is nothing to revert.")
-    wanted = "base_digest" if forward else "tuned_digest"
-    changed = [n for n, t in diff.tensors.items() if digests[n] != getattr(t, wanted)]
+    changed = [n for n, t in diff.tensors.items() if digests[n] != (t.base_digest if forward else t.tuned_digest)]
     if fingerprint != expected or changed:
         what = "the base it was made for" if forward else "the base with this diff applied"
         detail = f" ({changed[0]!r} differs at the diff's entries)" if changed else " (weight fingerprint mismatch)"
