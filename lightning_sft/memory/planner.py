@@ -1,0 +1,195 @@
+"""Choosing a fine-tuning recipe for a model, a GPU budget and a batch: the recipes that fit, their
+memory and relative speed, and one recommendation.
+
+Relative speed is a FLOP model, not a measurement: a step costs its forward (2 FLOPs per weight per
+token, plus attention), the input-gradient backward (the same again), the weight-gradient backward
+(the same again, full fine-tuning only), and one more forward with gradient checkpointing. QLoRA's
+dequantization and ZeRO's communication are not FLOPs: they enter as the assumed overheads below,
+stated in every plan.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_sft.memory.estimate import MemoryEstimate, TrainingSetup, estimate
+from lightning_sft.memory.shapes import ModelShape, model_shape
+
+GIB = 2**30
+# Assumed, not measured here (no GPU): dequantizing NF4 weights in every forward and backward, and
+# ZeRO-3's parameter all-gathers, each slow a step by this fraction.
+QLORA_OVERHEAD = 0.3
+ZERO3_OVERHEAD = 0.15
+# CUDA context and allocator slack that the tensors' peak does not include.
+RESERVED_BYTES = GIB
+PLAN_METHODS = ("full", "lora", "qlora", "sft")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to fine-tune: the estimate, its speed relative to the fastest recipe that fits, and
+    whether it fits the budget."""
+
+    estimate: MemoryEstimate
+    speed: float
+    fits: bool
+
+    @property
+    def setup(self) -> TrainingSetup:
+        return self.estimate.setup
+
+    def name(self) -> str:
+        s = self.setup
+        parts = [{"full": "full FT", "lora": "LoRA", "qlora": "QLoRA (NF4)", "sft": "sparse FT"}[s.method]]
+        parts += ["checkpointing"] if s.gradient_checkpointing else []
+        parts += ["8-bit AdamW"] if s.optimizer == "adamw8bit" else []
+        parts += [f"ZeRO-{s.zero_stage} x{s.gpus}"] if s.zero_stage else []
+        return " + ".join(parts)
+
+    def flags(self) -> str:
+        """How to switch the recipe on with ``lightning-sft fit``."""
+        s = self.setup
+        flags = [f"--trainer.precision {s.precision}"]
+        if s.method == "full":
+            flags.append("--no_lora")
+        elif s.method == "sft":
+            flags.append(f"--sft-density {s.sft_density:g}")
+        else:
+            flags.append(f"--lora.r {s.lora_r}")
+            if s.method == "qlora":
+                flags.append("--lora.quantize nf4")
+        if s.gradient_checkpointing:
+            flags.append("--gradient-checkpointing on")
+        if s.optimizer == "adamw8bit":
+            flags.append("--optimizer-8bit on")
+        if s.attention != "eager":
+            flags.append(f"--attention {s.attention}")
+        if s.zero_stage:
+            flags.append(f"--trainer.strategy deepspeed_stage_{s.zero_stage}")
+        if s.gpus > 1:
+            flags.append(f"--trainer.devices {s.gpus}")
+        return " ".join(flags)
+
+
+@dataclass(frozen=True)
+class Plan:
+    shape: ModelShape
+    budget: int
+    recipes: list[Recipe]
+    recommended: Recipe
+
+
+class NothingFits(ValueError):
+    """No recipe fits the budget; the message says what would."""
+
+
+def step_flops(shape: ModelShape, setup: TrainingSetup) -> float:
+    """FLOPs of one training step per device (see the module docstring)."""
+    tokens = setup.batch * setup.seq
+    linear = 2.0 * tokens * (shape.block_linear_params() * shape.layers + shape.vocab * shape.hidden)
+    attention = 4.0 * tokens * setup.seq * shape.q_width * shape.layers  # QK^T and PV, causal halves ignored
+    forward = linear + attention
+    passes = 2.0 if setup.method == "full" else 1.0  # input gradients, and weight gradients for full FT
+    if setup.gradient_checkpointing:
+        passes += 1.0
+    return forward * (1.0 + passes)
+
+
+def _step_cost(shape: ModelShape, setup: TrainingSetup) -> float:
+    cost = step_flops(shape, setup)
+    if setup.method == "qlora":
+        cost *= 1 + QLORA_OVERHEAD
+    if setup.zero_stage == 3:
+        cost *= 1 + ZERO3_OVERHEAD
+    return cost
+
+
+def candidate_setups(
+    gpus: int, seq: int, batch: int, methods: tuple[str, ...] = PLAN_METHODS, lora_r: int = 16
+) -> list[TrainingSetup]:
+    """Every combination the planner weighs: method x checkpointing x optimizer, in bf16 with fused
+    attention (the memory-cheapest precision and kernel); with several GPUs, DDP, and for full
+    fine-tuning also ZeRO-2 and ZeRO-3 (the adapter callbacks refuse sharded strategies, and
+    ZeRO-1 is ZeRO-2 with more memory and no gain in speed)."""
+    setups = []
+    for method, checkpointing, optimizer in itertools.product(methods, (False, True), ("adamw", "adamw8bit")):
+        stages = (0, 2, 3) if gpus > 1 and method == "full" else (0,)
+        setups.extend(
+            TrainingSetup(
+                method=method, batch=batch, seq=seq, precision="bf16-true", lora_r=lora_r,
+                gradient_checkpointing=checkpointing, attention="sdpa", optimizer=optimizer,
+                zero_stage=stage, gpus=gpus,
+            )
+            for stage in stages
+        )
+    return setups
+
+
+def plan(
+    config: Any,
+    gpu_memory: int,
+    gpus: int = 1,
+    seq: int = 2048,
+    batch: int = 4,
+    methods: tuple[str, ...] = PLAN_METHODS,
+    lora_r: int = 16,
+) -> Plan:
+    """The recipes for ``config`` on ``gpus`` GPUs of ``gpu_memory`` bytes each, fastest first, and the
+    recommendation: the fastest that fits (ties: the smaller peak). Raises ``NothingFits`` (saying
+    which smaller batch, shorter sequence or more GPUs would fit) when none does."""
+    if isinstance(gpu_memory, bool) or not isinstance(gpu_memory, int) or gpu_memory <= RESERVED_BYTES:
+        raise ValueError(f"gpu_memory must be more than the {RESERVED_BYTES / GIB:.0f} GiB kept for the CUDA context; got {gpu_memory!r} bytes.")
+    unknown = [m for m in methods if m not in PLAN_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be among {', '.join(PLAN_METHODS)}; got {', '.join(methods) or 'none'}.")
+    shape = config if isinstance(config, ModelShape) else model_shape(config)
+    estimates = [estimate(shape, setup) for setup in candidate_setups(gpus, seq, batch, methods, lora_r)]
+    usable = gpu_memory - RESERVED_BYTES
+    fitting = [e for e in estimates if e.peak <= usable]
+    if not fitting:
+        raise NothingFits(_what_would_fit(shape, gpu_memory, gpus, seq, batch, methods, lora_r, min(estimates, key=lambda e: e.peak)))
+    fastest = min(_step_cost(shape, e.setup) for e in fitting)
+    recipes = sorted(
+        (Recipe(e, fastest / _step_cost(shape, e.setup), e.peak <= usable) for e in estimates),
+        key=lambda r: (not r.fits, -r.speed, r.estimate.peak),
+    )
+    return Plan(shape, gpu_memory, recipes, recipes[0])
+
+
+def _what_would_fit(
+    shape: ModelShape, gpu_memory: int, gpus: int, seq: int, batch: int, methods: tuple[str, ...], lora_r: int,
+    smallest: MemoryEstimate,
+) -> str:
+    message = (
+        f"No recipe fits {gpu_memory / GIB:.1f} GiB per GPU ({gpus} GPU(s), seq {seq}, batch {batch}): the smallest,"
+        f" {Recipe(smallest, 1.0, False).name()}, peaks at {smallest.peak / GIB:.2f} GiB"
+        f" (+{RESERVED_BYTES / GIB:.0f} GiB CUDA context)."
+    )
+    options = []
+    for b in (batch // 2, batch // 4, 1):
+        if 1 <= b < batch and _fits_any(shape, gpu_memory, gpus, seq, b, methods, lora_r):
+            options.append(f"--batch {b}")
+            break
+    for s in (seq // 2, seq // 4, seq // 8):
+        if 1 <= s < seq and _fits_any(shape, gpu_memory, gpus, s, batch, methods, lora_r):
+            options.append(f"--seq {s}")
+            break
+    for n in (2, 4, 8, 16, 32, 64):
+        if n > gpus and _fits_any(shape, gpu_memory, n, seq, batch, methods, lora_r):
+            options.append(f"--gpus {n} (ZeRO)")
+            break
+    if not options:
+        for n, b, s in itertools.product((gpus, 2, 4, 8, 16, 32, 64), (batch, batch // 2, 1), (seq, seq // 2, seq // 4)):
+            if n >= gpus and b >= 1 and s >= 1 and _fits_any(shape, gpu_memory, n, s, b, methods, lora_r):
+                options.append(f"--gpus {n} --batch {b} --seq {s}")
+                break
+    if options:
+        return f"{message} It would fit with {' or '.join(options)}."
+    return f"{message} Nothing fits with up to 64 GPUs, batch 1 and seq {max(seq // 4, 1)}: use larger GPUs."
+
+
+def _fits_any(shape: ModelShape, gpu_memory: int, gpus: int, seq: int, batch: int, methods: tuple[str, ...], lora_r: int) -> bool:
+    usable = gpu_memory - RESERVED_BYTES
+    return any(estimate(shape, s).peak <= usable for s in candidate_setups(gpus, seq, batch, methods, lora_r))
