@@ -30,8 +30,11 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_sft.adapters import lora_layers, save_adapter
 from lightning_sft.callbacks import (
     AdaptiveRankSearch,
+    AttentionImplementation,
     ContextualSparsity,
     EfficiencyMonitor,
+    EightBitOptimizer,
+    GradientCheckpointing,
     LayerDropout,
     LoRA,
     SparseFineTuning,
@@ -45,6 +48,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 PLAIN_SUBCOMMANDS = {
     "bench": "lightning_sft.bench",
     "diff": "lightning_sft.diff_cli",
+    "plan": "lightning_sft.memory.plan_cli",
     "pretrain": "lightning_sft.pretraining.run",
     "report": "lightning_sft.report",
 }
@@ -180,6 +184,31 @@ FEATURE_FLAGS: dict[str, FeatureFlag] = {
         type=_usage_error(_sft_density),
         default="off",
         build=_sft_density,
+    ),
+    "--gradient-checkpointing": FeatureFlag(
+        "--gradient-checkpointing",
+        help="Activation checkpointing per block (GradientCheckpointing): keep one input per block and recompute"
+        " each block in the backward pass, for about one more forward of compute; 'off' disables it.",
+        choices=("off", "on"),
+        default="off",
+        build=lambda value: GradientCheckpointing(),
+    ),
+    "--attention": FeatureFlag(
+        "--attention",
+        help="Attention kernel of the Hugging Face model (AttentionImplementation): 'sdpa' keeps no seq x seq"
+        " attention matrix for the backward pass, 'flash_attention_2' needs a CUDA GPU and flash-attn; 'default'"
+        " leaves the model's own.",
+        choices=("default", "eager", "sdpa", "flash_attention_2"),
+        default="default",
+        build=AttentionImplementation,
+    ),
+    "--optimizer-8bit": FeatureFlag(
+        "--optimizer-8bit",
+        help="8-bit optimizer states (EightBitOptimizer, bitsandbytes): Adam/AdamW/SGD-momentum keep about 2 bytes"
+        " per trained parameter instead of 8; 'off' disables it.",
+        choices=("off", "on"),
+        default="off",
+        build=lambda value: EightBitOptimizer(),
     ),
 }
 

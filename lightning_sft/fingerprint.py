@@ -3,17 +3,40 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 _SAMPLES_PER_TENSOR = 4096
 _WRAPPED = ".base_layer"
+# A layer that keeps its weight in another form (4-bit, ``quantize_base``) holds, in a buffer of this
+# name, the sample ``tensor_sample`` took of its original (out_features, in_features) weight.
+SOURCE_SAMPLE = "weight_fingerprint_sample"
+
+
+class TensorSample(NamedTuple):
+    """What the fingerprint reads of a tensor that is no longer held as it was: shape, dtype, sample."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    sample: torch.Tensor
+
+
+def _step(numel: int) -> int:
+    return max(1, numel // _SAMPLES_PER_TENSOR)
+
+
+def tensor_sample(tensor: torch.Tensor) -> torch.Tensor:
+    """The fixed strided sample of ``tensor``'s values that its fingerprint digests (a view)."""
+    flat = tensor.detach().reshape(-1)
+    return flat[:: _step(flat.numel())][:_SAMPLES_PER_TENSOR]
 
 
 def fingerprint_tensors(
-    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    named_tensors: Iterable[tuple[str, torch.Tensor | TensorSample]],
     patches: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> str:
     """SHA-256 over names, shapes, dtypes and a fixed strided sample of every tensor's values.
@@ -22,15 +45,16 @@ def fingerprint_tensors(
     change of a tensor still changes the digest with overwhelming probability. ``patches`` maps a
     name to ``(sorted flat indices, values)``: the digest is that of the tensors with those entries
     replaced, computed without copying them (how a sparse diff knows the fingerprint it produces).
+    A ``TensorSample`` stands for a tensor by the sample taken of it.
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        sample = flat[::step][:_SAMPLES_PER_TENSOR].clone()
+        shape = tuple(tensor.shape)
+        step = _step(math.prod(shape))
+        sample = (tensor.sample.detach() if isinstance(tensor, TensorSample) else tensor_sample(tensor)).clone()
         if patches and name in patches:
             _patch_sample(sample, step, *patches[name])
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(f"{name}|{shape}|{tensor.dtype}|".encode())
         digest.update(sample.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
@@ -67,5 +91,12 @@ def base_parameters(root: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def fingerprint_base(root: nn.Module) -> str:
-    """Fingerprint of ``root``'s base parameters (see ``base_parameters``)."""
-    return fingerprint_tensors(base_parameters(root).items())
+    """Fingerprint of ``root``'s base parameters (see ``base_parameters``); a 4-bit layer counts with the
+    sample of the weight it was quantized from, so adapters name the unquantized base."""
+    tensors: dict[str, torch.Tensor | TensorSample] = dict(base_parameters(root))
+    for name, module in root.named_modules():
+        sample = module._buffers.get(SOURCE_SAMPLE)
+        if sample is not None:
+            key = f"{name}.weight".replace(_WRAPPED + ".", ".").removeprefix(".")
+            tensors[key] = TensorSample((module.out_features, module.in_features), sample.dtype, sample)
+    return fingerprint_tensors(tensors.items())

@@ -12,17 +12,31 @@ from lightning_sft.adapters.injection import (
 )
 from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.adapters.peft_format import load_adapter, save_adapter
+from lightning_sft.adapters.quantization import (
+    dequantize_cols,
+    dequantize_rows,
+    dequantize_weight,
+    is_quantized,
+    quantize_base,
+    quantized_bytes,
+)
 
 __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "adapter_structure",
     "base_fingerprint",
+    "dequantize_cols",
+    "dequantize_rows",
+    "dequantize_weight",
     "inject_lora",
+    "is_quantized",
     "load_adapter",
     "load_from_checkpoint",
     "lora_layers",
     "merge_adapter",
+    "quantize_base",
+    "quantized_bytes",
     "save_adapter",
     "unmerge_adapter",
 ]

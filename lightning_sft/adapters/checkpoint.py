@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_sft.adapters.injection import adapter_structure, inject_structure, lora_layers
+from lightning_sft.adapters.quantization import quantization_record, quantize_from_record
 
 CHECKPOINT_KEY = "lightning_sft_lora"
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -23,6 +24,7 @@ def structure_record(module: nn.Module) -> dict[str, Any]:
         "structure": adapter_structure(module),
         "dropout": max((layer.dropout_p for layer in layers), default=0.0),
         "use_rslora": any(l.use_rslora for l in layers),
+        "quantization": quantization_record(module),  # 4-bit base layers (QLoRA), rebuilt before loading
     }
 
 
@@ -50,6 +52,8 @@ def load_from_checkpoint(
         warnings.filterwarnings("ignore", message=".*contains no parameters.*")
         module = module_class.load_from_checkpoint(buffer, map_location="cpu", strict=False, **kwargs)
     inject_structure(module, record["structure"], record["dropout"], record["use_rslora"])
+    if record.get("quantization"):
+        quantize_from_record(module, record["quantization"])
     module.load_state_dict(checkpoint["state_dict"], strict=True)
     if isinstance(map_location, (str, torch.device)):
         module = module.to(map_location)

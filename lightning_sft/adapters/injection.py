@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_sft.adapters.lora_layer import LoRALinear
+from lightning_sft.adapters.quantization import is_quantized
 from lightning_sft.adapters.targeting import ALL_LINEAR, TargetSpec, select_targets, validate_target_spec
 from lightning_sft.fingerprint import fingerprint_base
 
@@ -142,6 +143,13 @@ def merge_adapter(root: nn.Module, unload: bool = False) -> nn.Module:
     model back with its original parameter names; that cannot be undone by ``unmerge_adapter``.
     """
     layers = _require_adapters(root)
+    quantized = [name for name, layer in layers.items() if is_quantized(layer.base_layer)]
+    if quantized:  # refused before the first merge, so no layer is left merged
+        raise RuntimeError(
+            f"{len(quantized)} adapters sit on a 4-bit (QLoRA) base (e.g. {quantized[0]}), which cannot take a merged"
+            " update. Save the adapter (save_adapter), load it onto the unquantized base model (load_adapter) and"
+            " merge there."
+        )
     for layer in layers.values():
         if not layer.merged:
             layer.merge()

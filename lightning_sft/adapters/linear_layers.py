@@ -32,5 +32,7 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a supported linear layer."""
     if not is_supported_linear(module):
         raise TypeError(f"{type(module).__name__} is not a supported linear layer (nn.Linear or transformers Conv1D).")
+    if isinstance(module, nn.Linear):  # its declared features: a 4-bit Linear4bit's weight is packed bytes
+        return module.in_features, module.out_features
     rows, cols = module.weight.shape
     return (rows, cols) if weight_is_transposed(module) else (cols, rows)

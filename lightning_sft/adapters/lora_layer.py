@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_sft.adapters.linear_layers import linear_features, weight_is_transposed
+from lightning_sft.adapters.quantization import is_quantized
 
 
 class LoRALinear(nn.Module):
@@ -77,13 +78,23 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The update in the base weight's own layout and dtype."""
+        self._refuse_quantized("fold the adapter into")
         delta = (self.lora_B @ self.lora_A) * self.scaling
         if weight_is_transposed(self.base_layer):
             delta = delta.t()
         return delta.to(self.base_layer.weight.dtype)
 
+    def _refuse_quantized(self, action: str) -> None:
+        """A 4-bit base cannot take a dense update: adding it would mean re-quantizing, which changes the base."""
+        if is_quantized(self.base_layer):
+            raise RuntimeError(
+                f"Cannot {action} a 4-bit (QLoRA) base weight. Save the adapter (save_adapter), load it onto the"
+                " unquantized base model (load_adapter) and merge there."
+            )
+
     @torch.no_grad()
     def merge(self) -> None:
+        self._refuse_quantized("merge the adapter into")
         if self.merged:
             raise RuntimeError("This LoRA layer is already merged; call unmerge() before merging again.")
         self.base_layer.weight.add_(self.delta_weight())

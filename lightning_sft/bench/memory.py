@@ -20,7 +20,7 @@ NAME = "memory"
 HELP = "Memory model vs measured training steps (weights, gradients, optimizer, activations, logits, temporaries, peak)."
 
 _LLAMA = {
-    "model_type": "llama", "vocab_size": 2048, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4,
+    "model_type": "llama", "vocab_size": 2048, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
     "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False,
 }
 _QWEN2 = {**_LLAMA, "model_type": "qwen2", "tie_word_embeddings": True}  # q/k/v biases, tied head

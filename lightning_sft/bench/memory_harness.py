@@ -4,7 +4,8 @@ The step runs in a ``Trainer`` with this package's callbacks, on a random-init m
 transformers config (no download). ``LiveTensors`` counts every tensor storage alive during the
 step; the storages alive at its peak are then sorted into the estimator's components:
 
-- weights: parameters and buffers; optimizer: optimizer state; gradients: ``.grad`` tensors;
+- weights: parameters, buffers and 4-bit quantization state; optimizer: optimizer state;
+  gradients: ``.grad`` tensors;
 - activations and logits: what the autograd graph still holds when the forward pass ends
   (saved tensors, and block inputs kept by checkpointing), split by width: logits are vocab-wide;
 - temporaries: everything else alive at the peak.
@@ -72,6 +73,19 @@ class _LanguageModel(pl.LightningModule):
         return torch.optim.AdamW(params, lr=self.lr)
 
 
+def _quant_state_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The scales and code tables of 4-bit weights (bitsandbytes keeps them beside the parameter)."""
+    tensors = []
+    for layer in module.modules():
+        state = getattr(getattr(layer, "weight", None), "quant_state", None)
+        if state is None:
+            continue
+        tensors += [state.absmax, state.code]
+        if getattr(state, "nested", False):
+            tensors += [state.offset, state.state2.absmax, state.state2.code]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
@@ -95,7 +109,7 @@ class _StepProbe(Callback):
         if batch_idx != _MEASURED_STEP:
             return
         gc.collect()
-        weights = [*pl_module.parameters(), *pl_module.buffers()]
+        weights = [*pl_module.parameters(), *pl_module.buffers(), *_quant_state_tensors(pl_module)]
         states = [t for opt in trainer.optimizers for t in _optimizer_tensors(opt)]
         tracker = self.tracker = LiveTensors()
         tracker.register([*weights, *states, batch])

@@ -13,6 +13,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_sft.adapters.checkpoint import CHECKPOINT_KEY, structure_record
 from lightning_sft.adapters.injection import LoRAConfig, inject_lora, lora_layers, replace_submodule
 from lightning_sft.adapters.lora_layer import LoRALinear
+from lightning_sft.adapters.quantization import (
+    check_quant_type,
+    check_quantizable,
+    quantize_base,
+    quantized_bytes,
+    quantized_layers,
+)
 
 # Sharded strategies restore checkpoints after wrapping and flatten parameters; not supported yet.
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -34,6 +41,9 @@ class LoRA(Callback):
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
         rank_pattern: per-module ranks, keyed by module name or name suffix.
         alpha_pattern: per-module alphas, keyed like ``rank_pattern``.
+        quantize: ``"nf4"`` or ``"fp4"`` stores every frozen linear layer except output heads in 4 bits
+            (QLoRA, bitsandbytes >= 0.50, CPU or CUDA) after the adapters are injected; ``None`` keeps the
+            base as it is. See docs/lora.md, "QLoRA: 4-bit base".
     """
 
     def __init__(
@@ -46,7 +56,9 @@ class LoRA(Callback):
         use_rslora: bool = False,
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
+        quantize: str | None = None,
     ) -> None:
+        self.quantize = None if quantize is None else check_quant_type(quantize, "quantize")
         self.config = LoRAConfig(
             r=r,
             alpha=alpha,
@@ -73,6 +85,8 @@ class LoRA(Callback):
         count = sum(isinstance(cb, LoRA) for cb in trainer.callbacks)
         if count > 1:
             raise ValueError(f"The LoRA callback was added {count} times; keep exactly one LoRA in `callbacks`.")
+        if self.quantize is not None:
+            self._check_quantizable(trainer, pl_module)
         existing = lora_layers(pl_module)
         if existing:
             # A second fit with the same module, or adapters loaded with `load_adapter`: keep them.
@@ -91,13 +105,51 @@ class LoRA(Callback):
                 f"LoRA: adapted {len(self.adapted_modules)} layers; trainable parameters {trainable:,} of {total:,}"
                 f" ({100 * trainable / total:.2f}%)."
             )
+        if self.quantize is not None and not quantized_layers(pl_module):
+            self._quantize(pl_module)
         if id(pl_module) not in self._hooked:
             pl_module.register_load_state_dict_pre_hook(self._match_checkpoint_ranks)
             self._hooked.add(id(pl_module))
 
+    def _check_quantizable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse, before any change, what a 4-bit base cannot go with."""
+        from lightning_sft.callbacks.sparse_finetuning import SparseFineTuning  # it imports this module
+        from lightning_sft.sparse_ft import sparse_delta_layers
+
+        if any(isinstance(cb, SparseFineTuning) for cb in trainer.callbacks) or sparse_delta_layers(pl_module):
+            raise ValueError(
+                f"LoRA(quantize={self.quantize!r}) cannot run with sparse fine-tuning, which trains entries of the base"
+                " weights that 4-bit storage cannot hold. Use one of the two."
+            )
+        if not quantized_layers(pl_module):
+            check_quantizable(pl_module, self.quantize)
+
+    def _quantize(self, pl_module: pl.LightningModule) -> None:
+        """Quantize after injection: the base is frozen, the optimizer does not exist yet, and Lightning has
+        not moved the module (bitsandbytes moves a quantized layer to CUDA itself)."""
+        dense = {
+            name: module.weight.numel() * module.weight.element_size()
+            for name, module in pl_module.named_modules()
+            if isinstance(module, torch.nn.Linear)
+        }
+        names = quantize_base(pl_module, self.quantize)
+        layers = quantized_layers(pl_module)
+        before, after = sum(dense[name] for name in names), sum(quantized_bytes(layers[name]) for name in names)
+        rank_zero_info(
+            f"LoRA: {len(names)} base layers stored in {self.quantize} (QLoRA): weights {before / 2**20:.1f} MiB ->"
+            f" {after / 2**20:.1f} MiB."
+        )
+
     def _match_checkpoint_ranks(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
         """On resume, rebuild adapters whose rank or alpha in the checkpoint differs: the checkpoint wins
         (its alpha as recorded, since a rank search scales alpha with the rank; else the configured one)."""
+        saved_4bit = any(key.endswith(".weight.quant_map") for key in state_dict)
+        if saved_4bit != bool(quantized_layers(module)):
+            ckpt, here = ("a 4-bit", "a dense") if saved_4bit else ("a dense", "a 4-bit")
+            raise ValueError(
+                f"The checkpoint holds {ckpt} base and this run has {here} one: resume with the LoRA(quantize=...)"
+                " setting of the run that wrote it."
+            )
         recorded = _loaded_structure(module)
         changed = []
         for name, layer in lora_layers(module).items():

@@ -41,6 +41,7 @@ _BNB_BLOCK = 256
 # of 256 with an fp32 scale (double quantization), plus the 16-entry code.
 NF4_BLOCK = 64
 _NF4_ABSMAX_BLOCK = 256
+FINGERPRINT_SAMPLES = 4096
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,9 @@ def _weights(shape: ModelShape, setup: TrainingSetup) -> int:
     if setup.method == "qlora":
         total -= sum(i * o for i, o in linears) * p
         total += sum(_nf4_bytes(i * o) for i, o in linears)
+        # each quantized layer keeps a strided sample of its original weight, so adapters saved from
+        # it still name the unquantized base they belong on (lightning_sft.fingerprint)
+        total += sum(min(i * o, FINGERPRINT_SAMPLES) for i, o in linears) * p
     if setup.method in ("lora", "qlora"):
         total += sum(_trainable_tensors(shape, setup)) * _adapter_bytes(setup)
     if setup.method == "sft":
@@ -260,16 +264,14 @@ def _optimizer(trainable: list[int], setup: TrainingSetup) -> int:
     p = _grad_bytes(setup)
     if setup.optimizer == "sgd":
         return sum(trainable) * p  # momentum buffer
-    step = 4 * len(trainable)  # AdamW's per-tensor fp32 step counter
     if setup.optimizer == "adamw":
-        return 2 * p * sum(trainable) + step
-    total = 0
-    for n in trainable:
-        if n < MIN_8BIT_SIZE:
-            total += 8 * n
-        else:
-            total += 2 * n + 2 * 4 * math.ceil(n / _BNB_BLOCK) + 2 * _BNB_BLOCK * 4
-    return total + step
+        return 2 * p * sum(trainable) + 4 * len(trainable)  # two moments, and a 4-byte step tensor each
+    # bitsandbytes: 8-bit moments with an fp32 absmax per block; fp32 moments for small tensors; the
+    # two 256-entry quantization maps are shared by all tensors; the step is a Python int.
+    large = [n for n in trainable if n >= MIN_8BIT_SIZE]
+    small = sum(n for n in trainable if n < MIN_8BIT_SIZE)
+    maps = 2 * _BNB_BLOCK * 4 if large else 0
+    return sum(2 * n + 2 * 4 * math.ceil(n / _BNB_BLOCK) for n in large) + 8 * small + maps
 
 
 def _optimizer_temporaries(trainable: list[int], setup: TrainingSetup) -> int:

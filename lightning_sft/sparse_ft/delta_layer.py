@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_sft.adapters.linear_layers import linear_features, weight_is_transposed
+from lightning_sft.adapters.quantization import is_quantized
 
 # Called with the layer and its dense weight gradient (in the weight's layout) during backward.
 GradientObserver = Callable[["SparseDeltaLinear", torch.Tensor], None]
@@ -77,6 +78,11 @@ class SparseDeltaLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, count: int, selection: str) -> None:
         super().__init__()
         linear_features(base_layer)  # refuses anything but nn.Linear / Conv1D
+        if is_quantized(base_layer):
+            raise TypeError(
+                "Sparse fine-tuning trains entries of the base weight, which a 4-bit (QLoRA) layer cannot hold;"
+                " fine-tune an unquantized base, or use LoRA(quantize=...) instead."
+            )
         weight = base_layer.weight
         if not 1 <= count <= weight.numel():
             raise ValueError(f"count must be in [1, {weight.numel()}] for a weight of shape {tuple(weight.shape)}.")

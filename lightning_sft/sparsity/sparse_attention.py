@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_sft.adapters.linear_layers import linear_features, weight_is_transposed
+from lightning_sft.adapters.quantization import dense_view
 from lightning_sft.kernels.token_rows import TokenRows
 from lightning_sft.sparsity.blocks import AttentionIndices, QKBlock, VBlock, attention_indices
 from lightning_sft.sparsity.estimators import ChannelEstimator, build_estimator
@@ -320,10 +321,10 @@ def wrap_attention(
         geometry = _geometry(attention, name, bases)
         q, k, v = bases["q_proj"], bases["k_proj"], bases["v_proj"]
         qk_block = QKBlock(
-            q.weight, k.weight, geometry.num_heads, geometry.num_kv_heads, q_bias=q.bias, k_bias=k.bias,
+            dense_view(q), dense_view(k), geometry.num_heads, geometry.num_kv_heads, q_bias=q.bias, k_bias=k.bias,
             balanced=True, rotary_pairs=True,
         )
-        v_block = VBlock(v.weight, geometry.num_kv_heads, v_bias=v.bias)
+        v_block = VBlock(dense_view(v), geometry.num_kv_heads, v_bias=v.bias)
         keep_qk = kept_channels(geometry.kv_channels, sparsity, multiple_of=2 * geometry.num_kv_heads)
         keep_v = kept_channels(geometry.kv_channels, sparsity)
         if sparsity == 0:

@@ -26,6 +26,13 @@ from torch.utils.hooks import RemovableHandle
 from lightning_sft.adapters.injection import replace_submodule
 from lightning_sft.adapters.linear_layers import _conv1d_type, linear_features, weight_is_transposed
 from lightning_sft.adapters.lora_layer import LoRALinear
+from lightning_sft.adapters.quantization import (
+    dense_view,
+    is_quantized,
+    quantized_cols_matmul,
+    quantized_linear,
+    quantized_rows_matmul,
+)
 from lightning_sft.kernels import cols_matmul, rows_matmul
 from lightning_sft.kernels.token_rows import TokenRows
 from lightning_sft.sparsity.blocks import Block, GatedMLPBlock, MLPBlock
@@ -110,10 +117,10 @@ def _check_projection(name: str, layer: nn.Module) -> nn.Module:
             f"{name} is a merged LoRA layer: its base weight holds the adapter, which would be sparsified."
             " Call unmerge_adapter(model) before using contextual sparsity."
         )
-    if type(base) not in (nn.Linear, _conv1d_type()):
+    if type(base) not in (nn.Linear, _conv1d_type()) and not is_quantized(base):
         raise TypeError(
-            f"{name} is a {type(base).__name__}; contextual sparsity supports plain nn.Linear or transformers Conv1D"
-            " projections (optionally wrapped in LoRALinear), not quantized or custom layers."
+            f"{name} is a {type(base).__name__}; contextual sparsity supports plain nn.Linear, transformers Conv1D or"
+            " 4-bit bitsandbytes Linear4bit (quantize_base) projections, optionally wrapped in LoRALinear."
         )
     if base.weight.requires_grad:
         raise ValueError(
@@ -183,8 +190,11 @@ def _check_mlp(mlp: nn.Module, name: str, kind: type[_SparseMLP]) -> list[nn.Mod
 def _linear_eval(layer: nn.Module, x: Tensor, bias: bool = True) -> Tensor:
     """A projection (LoRA branch included) as in eval mode: no dropout, whatever ``training`` is."""
     base = layer.base_layer if isinstance(layer, LoRALinear) else layer
-    weight = base.weight.t() if weight_is_transposed(base) else base.weight
-    out = F.linear(x.to(weight.dtype), weight, base.bias if bias else None)
+    if is_quantized(base):
+        out = quantized_linear(base, x, bias)
+    else:
+        weight = base.weight.t() if weight_is_transposed(base) else base.weight
+        out = F.linear(x.to(weight.dtype), weight, base.bias if bias else None)
     if isinstance(layer, LoRALinear) and not layer.merged:
         lora = F.linear(F.linear(x.to(layer.lora_A.dtype), layer.lora_A), layer.lora_B) * layer.scaling
         out = out + lora.to(out.dtype)
@@ -194,7 +204,10 @@ def _linear_eval(layer: nn.Module, x: Tensor, bias: bool = True) -> Tensor:
 def _rows(layer: nn.Module, x: Tensor, idx: Tensor) -> Tensor:
     """Output channels ``idx`` of a projection; a LoRA branch stays dense: ``(x A^T s) B[idx]^T``."""
     base = layer.base_layer if isinstance(layer, LoRALinear) else layer
-    out = rows_matmul(x, base.weight, idx, base.bias, transposed=weight_is_transposed(base), check_idx=False)
+    if is_quantized(base):  # decodes only rows idx of the 4-bit weight
+        out = quantized_rows_matmul(x, base, idx)
+    else:
+        out = rows_matmul(x, base.weight, idx, base.bias, transposed=weight_is_transposed(base), check_idx=False)
     if not isinstance(layer, LoRALinear):
         return out
     h = F.linear(layer.dropout(x).to(layer.lora_A.dtype), layer.lora_A) * layer.scaling
@@ -205,7 +218,10 @@ def _cols(layer: nn.Module, h: Tensor, idx: Tensor) -> Tensor:
     """A projection of ``h`` that holds only input channels ``idx`` (the others are zero):
     the LoRA branch is ``(h A[:, idx]^T s) B^T``, its dense value on the zero-filled input."""
     base = layer.base_layer if isinstance(layer, LoRALinear) else layer
-    out = cols_matmul(h, base.weight, idx, base.bias, transposed=weight_is_transposed(base), check_idx=False)
+    if is_quantized(base):  # decodes only columns idx of the 4-bit weight
+        out = quantized_cols_matmul(h, base, idx)
+    else:
+        out = cols_matmul(h, base.weight, idx, base.bias, transposed=weight_is_transposed(base), check_idx=False)
     if not isinstance(layer, LoRALinear):
         return out
     a = F.linear(layer.dropout(h).to(layer.lora_A.dtype), layer.lora_A.index_select(1, idx)) * layer.scaling
@@ -337,7 +353,7 @@ class SparseGatedMLP(_SparseMLP):
     @classmethod
     def block(cls, mlp: nn.Module, name: str = "mlp") -> GatedMLPBlock:
         gate, up, _ = _check_mlp(mlp, name, cls)
-        return GatedMLPBlock(gate.weight, up.weight, mlp.act_fn, gate_bias=gate.bias, up_bias=up.bias)
+        return GatedMLPBlock(dense_view(gate), dense_view(up), mlp.act_fn, gate_bias=gate.bias, up_bias=up.bias)
 
     def _sparse(self, x: Tensor, idx: Tensor) -> Tensor:
         h = self.act_fn(_rows(self.gate_proj, x, idx)) * _rows(self.up_proj, x, idx)
@@ -373,7 +389,7 @@ class SparsePlainMLP(_SparseMLP):
     @classmethod
     def block(cls, mlp: nn.Module, name: str = "mlp") -> MLPBlock:
         fc, _ = _check_mlp(mlp, name, cls)
-        weight = fc.weight.t() if weight_is_transposed(fc) else fc.weight
+        weight = fc.weight.t() if weight_is_transposed(fc) else dense_view(fc)
         return MLPBlock(weight, getattr(mlp, cls.layout_of(mlp).activation), bias=fc.bias)
 
     def _sparse(self, x: Tensor, idx: Tensor) -> Tensor:
@@ -468,7 +484,7 @@ class SparseBertMLP(_SparseMLP):
     @classmethod
     def block(cls, layer: nn.Module, name: str = "intermediate") -> MLPBlock:
         fc1, _ = cls._check_layer(layer, name)
-        return MLPBlock(fc1.weight, layer.intermediate.intermediate_act_fn, bias=fc1.bias)
+        return MLPBlock(dense_view(fc1), layer.intermediate.intermediate_act_fn, bias=fc1.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         self._release()  # hooks left by a forward that raised before reaching output.dense

@@ -1,0 +1,16 @@
+"""Memory-saving recipes: activation checkpointing per block, the attention kernel of Hugging Face
+models, and 8-bit optimizer states. Pure logic (no Lightning); the callbacks in
+``lightning_sft.callbacks`` switch them on for a fit. See ``docs/memory_recipes.md``."""
+
+from lightning_sft.recipes.attention import IMPLEMENTATIONS, set_attention_implementation
+from lightning_sft.recipes.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
+from lightning_sft.recipes.optimizers import eight_bit_optimizer, rebind_scheduler
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "disable_gradient_checkpointing",
+    "eight_bit_optimizer",
+    "enable_gradient_checkpointing",
+    "rebind_scheduler",
+    "set_attention_implementation",
+]
