@@ -3,7 +3,8 @@ memory and relative speed, and one recommendation.
 
 Relative speed is a FLOP model, not a measurement: a step costs its forward (2 FLOPs per weight per
 token, plus attention), the input-gradient backward (the same again), the weight-gradient backward
-(the same again, full fine-tuning only), and one more forward with gradient checkpointing. QLoRA's
+(the same again, for full and sparse fine-tuning: sparse FT gathers its entries from the dense weight
+gradient), and one more forward with gradient checkpointing. QLoRA's
 dequantization and ZeRO's communication are not FLOPs: they enter as the assumed overheads below,
 stated in every plan.
 """
@@ -91,7 +92,8 @@ def step_flops(shape: ModelShape, setup: TrainingSetup) -> float:
     linear = 2.0 * tokens * (shape.block_linear_params() * shape.layers + shape.vocab * shape.hidden)
     attention = 4.0 * tokens * setup.seq * shape.q_width * shape.layers  # QK^T and PV, causal halves ignored
     forward = linear + attention
-    passes = 2.0 if setup.method == "full" else 1.0  # input gradients, and weight gradients for full FT
+    # input gradients, and the dense weight gradients for full FT and sparse FT (which gathers them)
+    passes = 2.0 if setup.method in ("full", "sft") else 1.0
     if setup.gradient_checkpointing:
         passes += 1.0
     return forward * (1.0 + passes)
