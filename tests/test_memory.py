@@ -69,7 +69,7 @@ def test_config_json_and_model_directory(tmp_path) -> None:
         ({"vocab_size": 10}, "needs a 'model_type'"),
         ({"model_type": "t5"}, "not modelled yet"),
         ({"model_type": "llama", "hidden_size": 64}, "lacks vocab_size"),
-        ({**TINY["llama"], "hidden_size": -64}, "hidden must be a positive integer"),
+        ({**TINY["llama"], "hidden_size": -64}, "`hidden` must be an integer >= 1"),
     ],
 )
 def test_bad_configs_are_refused(config, match: str) -> None:
@@ -187,8 +187,8 @@ def test_recipes_move_the_estimate_the_right_way() -> None:
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"batch": -1}, "batch must be a positive integer"),
-        ({"seq": 0}, "seq must be a positive integer"),
+        ({"batch": -1}, "`batch` must be an integer >= 1"),
+        ({"seq": 0}, "`seq` must be an integer >= 1"),
         ({"method": "prefix"}, "method must be one of"),
         ({"precision": "fp8"}, "precision must be one of"),
         ({"zero_stage": 2}, "set gpus > 1"),

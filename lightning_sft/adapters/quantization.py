@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_map
 from lightning_sft.adapters.linear_layers import is_supported_linear, weight_is_transposed
 from lightning_sft.adapters.targeting import ALL_LINEAR, TargetSpec, output_head_names, validate_target_spec
 from lightning_sft.fingerprint import SOURCE_SAMPLE, tensor_sample
+from lightning_sft.kernels.dispatch import keep_slice
 
 QUANT_TYPES = ("nf4", "fp4")
 _COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -451,12 +452,6 @@ def quantized_linear(layer: nn.Module, x: Tensor, bias: bool = True) -> Tensor:
     return F.linear(x.to(dtype), dequantize_weight(layer).to(dtype), b).to(x.dtype)
 
 
-def _keep_slice(kind: str, rows: int, in_width: int, out_width: int) -> bool:
-    """The rule of ``kernels.dispatch._keep_slice``: keep the decoded slice for backward when it is no
-    larger than the bigger activation of the product, else decode it again in backward."""
-    return in_width * out_width <= rows * max(in_width, out_width)
-
-
 def _decode_slice(kind: str, layer: nn.Module, idx: Tensor) -> Tensor:
     return _decode(layer, idx, None) if kind == "rows" else _decode(layer, None, idx)
 
@@ -471,7 +466,7 @@ class _QuantizedSliceMatmul(torch.autograd.Function):
         w = _decode_slice(kind, layer, idx).to(dtype)
         b = None if bias is None else (bias.index_select(0, idx) if kind == "rows" else bias).to(dtype)
         out = F.linear(a.to(dtype), w, b).to(a.dtype)
-        keep = ctx.needs_input_grad[1] and _keep_slice(kind, a.shape[0], w.shape[1], w.shape[0])
+        keep = ctx.needs_input_grad[1] and keep_slice(a.shape[0], w.shape[1], w.shape[0])
         ctx.kind, ctx.layer, ctx.dtype, ctx.a_dtype = kind, layer, dtype, a.dtype
         if bias is not None:
             ctx.bias_dtype, ctx.bias_len = bias.dtype, bias.numel()

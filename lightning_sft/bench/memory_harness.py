@@ -117,9 +117,8 @@ class _StepProbe(Callback):
         self.weight_serials = self._serials(weights)
         self.state_serials = self._serials(states)
         self.start_serials = set(tracker.snapshot())
-        gradients = lambda: self._serials(p.grad for p in pl_module.parameters() if p.grad is not None)  # noqa: E731
-        tracker.peak_probe = gradients
-        tracker.peak_extra = gradients()
+        tracker.peak_probe = lambda: self._serials(p.grad for p in pl_module.parameters() if p.grad is not None)
+        tracker.peak_extra = tracker.peak_probe()
         self.peak_before: dict[str, int] = {}
         self.saved = SavedForBackward(storage_key(t) for t in weights).__enter__()
         tracker.__enter__()

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_sft.callbacks.sparse_finetuning import SparseFineTuning
+from lightning_sft.callbacks.strategies import sharded_strategy
 from lightning_sft.recipes.optimizers import (
     DEFAULT_MIN_8BIT_SIZE,
     eight_bit_optimizer,
@@ -20,8 +21,6 @@ from lightning_sft.recipes.optimizers import (
 )
 from lightning_sft.validation import check_int
 
-# Sharded strategies partition and wrap the optimizer themselves.
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
 class EightBitOptimizer(Callback):
@@ -46,8 +45,8 @@ class EightBitOptimizer(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if strategy in _UNSUPPORTED_STRATEGIES:
+        strategy = sharded_strategy(trainer)
+        if strategy is not None:
             raise RuntimeError(
                 f"EightBitOptimizer does not support {strategy}, which shards and wraps the optimizer itself: build"
                 " a bitsandbytes optimizer in configure_optimizers there, or use strategy='ddp'."

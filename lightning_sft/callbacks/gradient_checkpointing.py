@@ -13,10 +13,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_sft.callbacks.layer_dropout import LayerDropout
+from lightning_sft.callbacks.strategies import sharded_strategy
 from lightning_sft.recipes.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 
-# Sharded strategies wrap the blocks themselves and checkpoint through their own settings.
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
 class GradientCheckpointing(Callback):
@@ -44,8 +43,8 @@ class GradientCheckpointing(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.checkpointed:
             return
-        strategy = type(trainer.strategy).__name__
-        if strategy in _UNSUPPORTED_STRATEGIES:
+        strategy = sharded_strategy(trainer)
+        if strategy is not None:
             raise RuntimeError(
                 f"GradientCheckpointing does not support {strategy}: with FSDP pass"
                 " FSDPStrategy(activation_checkpointing_policy={BlockClass}); with DeepSpeed call the Hugging Face"

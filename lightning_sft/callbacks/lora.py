@@ -20,9 +20,8 @@ from lightning_sft.adapters.quantization import (
     quantized_bytes,
     quantized_layers,
 )
+from lightning_sft.callbacks.strategies import sharded_strategy
 
-# Sharded strategies restore checkpoints after wrapping and flatten parameters; not supported yet.
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
 class LoRA(Callback):
@@ -77,8 +76,8 @@ class LoRA(Callback):
         self._hooked: set[int] = set()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if strategy in _UNSUPPORTED_STRATEGIES:
+        strategy = sharded_strategy(trainer)
+        if strategy is not None:
             raise RuntimeError(
                 f"LoRA does not support {strategy} yet. Use strategy='ddp' (or 'auto' on one device)."
             )

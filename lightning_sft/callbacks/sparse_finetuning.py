@@ -22,6 +22,7 @@ from lightning_sft.adapters.targeting import ALL_LINEAR, select_targets, validat
 from lightning_sft.callbacks.contextual_sparsity import ContextualSparsity
 from lightning_sft.callbacks.lora import LoRA
 from lightning_sft.callbacks.side_loop import fit_dataloader, outside_the_fit, step_loss, take_batches
+from lightning_sft.callbacks.strategies import sharded_strategy
 from lightning_sft.rng import capture_rng, restore_rng
 from lightning_sft.sparse_ft.delta_layer import SparseDeltaLinear, sparse_delta_layers
 from lightning_sft.sparse_ft.selection import (
@@ -39,8 +40,6 @@ from lightning_sft.sparse_ft.selection import (
 from lightning_sft.validation import check_int
 
 _WHO = "SparseFineTuning"
-# Sharded strategies flatten parameters; the deltas' index buffers would not follow.
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 # Mixes the seed and the reselection count into one generator seed (a large odd multiplier).
 _SEED_STRIDE = 0x9E3779B97F4A7C15
 
@@ -118,8 +117,8 @@ class SparseFineTuning(Callback):
     # -- set-up -------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if strategy in _UNSUPPORTED_STRATEGIES:
+        strategy = sharded_strategy(trainer)
+        if strategy is not None:
             raise RuntimeError(f"{_WHO} does not support {strategy}. Use strategy='ddp' (or 'auto' on one device).")
         if sum(isinstance(cb, SparseFineTuning) for cb in trainer.callbacks) > 1:
             raise ValueError(f"{_WHO} was added more than once; keep exactly one in `callbacks`.")

@@ -78,12 +78,18 @@ def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype) 
     return "triton"
 
 
+def keep_slice(rows: int, in_width: int, out_width: int) -> bool:
+    """Whether a product of ``rows`` activation rows with a copied (or decoded) ``in_width x out_width``
+    weight slice keeps the slice for backward instead of making it again: when it is no larger than
+    the bigger activation of the product (input or output), so the memory it holds stays of the order
+    the step holds anyway. High sparsity keeps, low recopies."""
+    return in_width * out_width <= rows * max(in_width, out_width)
+
+
 def _keep_slice(kind: Kind, a: Tensor, w: Tensor, idx: Tensor) -> bool:
-    """Whether a backend that copies ``W[idx]`` keeps it for backward instead of copying again:
-    when it is no larger than the bigger activation of the product (input or output), so the
-    memory it holds stays of the order the step holds anyway. High sparsity keeps, low recopies."""
+    """``keep_slice`` for ``W[idx]`` (rows) or ``W[:, idx]`` (cols)."""
     in_width, out_width = (w.shape[1], idx.numel()) if kind == "rows" else (idx.numel(), w.shape[0])
-    return in_width * out_width <= a.shape[0] * max(in_width, out_width)
+    return keep_slice(a.shape[0], in_width, out_width)
 
 
 class _SparseMatmul(torch.autograd.Function):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lightning_sft.memory.shapes import ModelShape, model_shape
+from lightning_sft.validation import check_int
 
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "temporaries")
 
@@ -75,9 +76,7 @@ class TrainingSetup:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("device", self.device, ("cuda", "cpu"))
         for name in ("batch", "seq", "lora_r", "gpus"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+            check_int(getattr(self, name), name, 1, "Sizes and counts are positive integers.")
         if not 0 < self.sft_density <= 1:
             raise ValueError(f"sft_density must be in (0, 1]; got {self.sft_density!r}, e.g. 0.01 for 1%.")
         if not 0 <= self.layer_dropout < 1:

@@ -7,6 +7,7 @@ import json
 import re
 import sys
 
+from lightning_sft.bench.common import int_at_least
 from lightning_sft.memory.estimate import COMPONENTS
 from lightning_sft.memory.planner import GIB, PLAN_METHODS, QLORA_OVERHEAD, RESERVED_BYTES, ZERO3_OVERHEAD, NothingFits, Plan, plan
 from lightning_sft.memory.shapes import PRESETS
@@ -22,16 +23,6 @@ def parse_size(text: str) -> int:
     if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"use a positive size such as 24GB, 80GiB or 16000MB; got {text!r}")
     return int(float(match.group(1)) * _UNITS[unit])
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
-    return value
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -50,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help=f"a preset ({', '.join(sorted(PRESETS))}), a config.json, or a model directory")
     parser.add_argument("--gpu-mem", type=parse_size, required=True, help="memory per GPU, e.g. 24GB (binary: GiB)")
-    parser.add_argument("--gpus", type=_positive, default=1, help="number of GPUs (default 1)")
-    parser.add_argument("--seq", type=_positive, default=2048, help="sequence length in tokens (default 2048)")
-    parser.add_argument("--batch", type=_positive, default=4, help="micro-batch per GPU (default 4)")
-    parser.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--gpus", type=int_at_least(1), default=1, help="number of GPUs (default 1)")
+    parser.add_argument("--seq", type=int_at_least(1), default=2048, help="sequence length in tokens (default 2048)")
+    parser.add_argument("--batch", type=int_at_least(1), default=4, help="micro-batch per GPU (default 4)")
+    parser.add_argument("--lora-r", type=int_at_least(1), default=16, help="LoRA rank (default 16)")
     parser.add_argument("--methods", type=_methods, default=PLAN_METHODS, help="comma-separated subset of full,lora,qlora,sft")
     parser.add_argument("--all", action="store_true", help="also list the recipes that do not fit")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_sft.validation import check_int
+
 # Shape-only configs in transformers' format (the fields the model reads), from the models' published
 # config.json files.
 _LLAMA = {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
@@ -83,9 +85,7 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         for name in ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+            check_int(getattr(self, name), name, 1, "Check the model config.")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads}).")
 
