@@ -48,6 +48,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 PLAIN_SUBCOMMANDS = {
     "bench": "lightning_sft.bench",
     "diff": "lightning_sft.diff_cli",
+    "federated": "lightning_sft.federated.cli",
     "plan": "lightning_sft.memory.plan_cli",
     "pretrain": "lightning_sft.pretraining.run",
     "report": "lightning_sft.report",

@@ -23,8 +23,10 @@ from lightning_sft.layer_dropout.bandit import DiscountedUCB, validate_arms
 from lightning_sft.layer_dropout.dropper import LayerDropper
 from lightning_sft.layer_dropout.schedules import (
     DEFAULT_GAMMA,
+    check_budget,
     drop_probabilities,
     rate_at,
+    rates_within_budget,
     validate_rate,
     validate_schedule,
 )
@@ -61,6 +63,9 @@ class LayerDropout(Callback):
         arms, decide_every, probe_batches, discount, exploration: the bandit of ``rate="auto"``: its
             candidate rates, the window length in optimizer steps, the validation batches whose loss
             (all blocks, no dropout) measures progress, and its forgetting and exploration factors.
+        compute_budget: the largest expected fraction of the blocks' compute a step may run, for a device
+            that can afford no more (e.g. 0.6); ``rate="auto"`` then only tries the arms within it, and a
+            fixed rate must fit it. ``None``: no limit.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class LayerDropout(Callback):
         probe_batches: int = 4,
         discount: float = 0.9,
         exploration: float = 1.0,
+        compute_budget: float | None = None,
     ) -> None:
         super().__init__()
         self.auto = rate == "auto"
@@ -100,7 +106,12 @@ class LayerDropout(Callback):
         self.arms = validate_arms(arms)
         self.decide_every = check_int(decide_every, "decide_every", 1, "A window of 10-50 steps suits most runs.")
         self.probe_batches = check_int(probe_batches, "probe_batches", 1, "A few validation batches suffice.")
-        self.bandit = DiscountedUCB(len(self.arms), discount, exploration) if self.auto else None
+        self.compute_budget = None if compute_budget is None else check_budget(compute_budget)
+        self.discount, self.exploration = discount, exploration
+        # Under a budget the arms are known once the stacks are: the bandit is then built in `setup`.
+        self.bandit = DiscountedUCB(len(self.arms), discount, exploration) if self.auto and compute_budget is None else None
+        self._pending_state: dict[str, Any] | None = None  # loaded before the bandit existed
+        self.run_fractions: dict[str, float] = {}  # each block's fraction of training rows run, after a fit
 
         self.dropper: LayerDropper | None = None
         self.stack_sizes: list[int] = []
@@ -131,6 +142,14 @@ class LayerDropout(Callback):
             )
         stacks = find_stacks(pl_module, self.block_paths)
         self.stack_sizes = [len(stack) for _, stack in stacks]
+        if self.compute_budget is not None:
+            rates = rates_within_budget(
+                self.arms if self.auto else (self.rate,), self.compute_budget, self.schedule, self.stack_sizes,
+                self.protect_first, self.protect_last,
+            )
+            if self.auto and self.bandit is None:
+                self.arms = rates
+                self.bandit = DiscountedUCB(len(self.arms), self.discount, self.exploration)
         for (name, _), size in zip(stacks, self.stack_sizes):
             rates = self.arms if self.auto else (self.rate,)
             for rate in rates:  # fail now, not at step 1000, if a rate is infeasible for this stack
@@ -146,9 +165,13 @@ class LayerDropout(Callback):
         self._pl_module = pl_module
         self.dropper = LayerDropper(blocks, on_skip=self._report)
         self.dropper.install()
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.dropper is not None:
+            self.run_fractions = self.dropper.run_fractions()
             self.dropper.remove()
             self.dropper = None
 
@@ -273,6 +296,9 @@ class LayerDropout(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.auto and self.bandit is None:  # the budget's arms are known at setup: load then
+            self._pending_state = dict(state_dict)
+            return
         self.seed = state_dict["seed"]
         self.batches_seen = state_dict["batches_seen"]
         self._formats = dict(state_dict["formats"])
@@ -287,3 +313,14 @@ class LayerDropout(Callback):
             self._window_loss = state_dict["window_loss"]
             self._window_seconds = state_dict["window_seconds"]
             self._window_start = state_dict["window_start"]
+
+    def continue_from(self, state_dict: dict[str, Any]) -> None:
+        """Start the next fit where another fit's ``state_dict()`` left off, e.g. the next federated round.
+
+        The bandit's statistics, its current arm and the draw counter carry over; the open window
+        restarts, since the weights changed between the fits (aggregation) and its start loss is stale.
+        """
+        restarted = dict(state_dict)
+        if "bandit" in restarted:
+            restarted.update(window_loss=None, window_seconds=0.0, window_start=0)
+        self.load_state_dict(restarted)

@@ -72,6 +72,16 @@ class LayerDropper:
         self.sample_probabilities: list[float] | None = None
         self.sample_generator: torch.Generator | None = None
         self.row_draws: Tensor | None = None
+        # Rows each block was asked to process in training, and rows it skipped: how much each block trained.
+        self.rows_seen = [0] * len(self.blocks)
+        self.rows_skipped = [0] * len(self.blocks)
+
+    def run_fractions(self) -> dict[str, float]:
+        """Each block's fraction of training rows it ran on (1.0 for a block not called in training yet)."""
+        return {
+            block.name: 1.0 - skipped / seen if seen else 1.0
+            for block, seen, skipped in zip(self.blocks, self.rows_seen, self.rows_skipped)
+        }
 
     def install(self) -> None:
         for block in self.blocks:
@@ -137,11 +147,12 @@ class LayerDropper:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not block.module.training or not torch.is_grad_enabled():
                 return self._dense(block, args, kwargs)
+            hidden = _hidden(args, kwargs, block.name)
+            batch, seq_len = hidden.shape[0], hidden.shape[-2] if hidden.ndim >= 3 else 1
+            self.rows_seen[block.index] += batch
             if not block.seen:  # the output format is unknown until one dense call: run this one dense
                 self.dropped.discard(block.index)
                 return self._dense(block, args, kwargs)
-            hidden = _hidden(args, kwargs, block.name)
-            batch, seq_len = hidden.shape[0], hidden.shape[-2] if hidden.ndim >= 3 else 1
             if block.index in self.dropped:
                 return self._skip(block, hidden, batch, batch, seq_len)
             kept = self._kept_rows(block, batch, hidden.device)
@@ -184,5 +195,6 @@ class LayerDropper:
         return (output,) + (None,) * (block.tuple_length - 1)
 
     def _report(self, block: DroppableBlock, rows: int, seq_len: int) -> None:
+        self.rows_skipped[block.index] += rows
         if self.on_skip is not None and rows > 0:
             self.on_skip(block_step_flops(block.module, rows, seq_len))

@@ -103,3 +103,42 @@ def expected_drop_fraction(probabilities: Sequence[Sequence[float]]) -> float:
     """Expected fraction of all blocks (protected included) skipped per step, over every stack."""
     flat = [p for stack in probabilities for p in stack]
     return sum(flat) / len(flat) if flat else 0.0
+
+
+def check_budget(budget: Any) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+        raise ValueError(
+            f"`compute_budget` must be a number in (0, 1], the largest expected fraction of the blocks' compute a"
+            f" step may run; got {budget!r}. 0.7 lets a device skip at least 30% of its block computations."
+        )
+    return float(budget)
+
+
+def rates_within_budget(
+    rates: Sequence[float], budget: float, schedule: str, stack_sizes: Sequence[int], protect_first: int, protect_last: int
+) -> tuple[float, ...]:
+    """The ``rates`` whose expected block compute, ``1 - expected_drop_fraction``, is at most ``budget``.
+
+    Raises, naming the smallest rate the budget needs, when none is; a progressive schedule starts
+    dense, so it has no budget.
+    """
+    if schedule == "progressive":
+        raise ValueError(
+            "A compute budget needs a schedule whose rate holds from the first step; 'progressive' starts dense."
+            " Use 'linear' (the same shape in depth) or drop the budget."
+        )
+
+    def compute(rate: float) -> float:
+        stacks = [drop_probabilities(schedule, rate, size, protect_first, protect_last) for size in stack_sizes]
+        return 1.0 - expected_drop_fraction(stacks)
+
+    fitting = tuple(rate for rate in rates if compute(rate) <= budget + 1e-9)
+    if not fitting:
+        droppable = sum(size - protect_first - protect_last for size in stack_sizes) / sum(stack_sizes)
+        needed = (1.0 - budget) / droppable if droppable > 0 else math.inf
+        raise ValueError(
+            f"No drop rate among {[f'{r:g}' for r in rates]} keeps the expected block compute within compute_budget="
+            f"{budget:g}: with {protect_first}+{protect_last} protected blocks per stack of {list(stack_sizes)}, the"
+            f" budget needs rate >= {needed:.3f}. Add such a rate, protect fewer blocks, or raise the budget."
+        )
+    return fitting
