@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from typing import Any
 
 
@@ -10,3 +12,15 @@ def check_int(value: Any, name: str, low: int, hint: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}. {hint}")
     return value
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: a bad size is a usage error up front, not a traceback after the model is built."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value}")
+        return value
+
+    return parse

@@ -299,3 +299,42 @@ def test_bad_settings_fail_before_the_simulation_starts(partitions: Path) -> Non
         run_federated(task, 1, 1, 1, personal="auto")
     with pytest.raises(ValueError, match="LoRA callback"):
         run_federated(FederatedTask(task.module, task.data, lambda client: []), 2, 1, 1)
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+
+def test_cli_runs_a_small_federation_and_writes_its_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from lightning_sft.federated.cli import main
+
+    code = main([
+        "--clients", "2", "--rounds", "1", "--local-steps", "2", "--personal", "last:1", "--budgets", "1,0.7",
+        "--num-train", "128", "--num-val", "32", "--num-test", "32", "--batch-size", "8", "--lora-r", "4",
+        "--workdir", str(tmp_path),
+    ])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "personalised acc" in out and "personal tensors: 14 of 84" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["summary"]["personal_tensors"] == 14 and report["rounds"][0]["bytes_up"] > 0
+    assert (tmp_path / "adapters" / "client-1" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--budgets", "1,0.5"], "Client 1: No drop rate"),
+        (["--clients", "1"], "at least 2 clients"),
+        (["--personal", "no_such_layer"], "matches no adapter"),
+    ],
+)
+def test_cli_refuses_bad_settings_with_exit_2_before_simulating(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_sft.federated.cli import main
+
+    assert main([*argv, "--num-train", "64", "--num-val", "16", "--num-test", "16", "--workdir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -15,18 +14,6 @@ import torch
 from torch import nn
 
 from lightning_sft.atomic_io import atomic_path
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: a bad size is a usage error up front, not a traceback after the model is built."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value}")
-        return value
-
-    return parse
 
 
 def build_llama(

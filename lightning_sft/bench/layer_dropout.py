@@ -28,7 +28,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_sft.adapters.injection import LoRAConfig, inject_lora
-from lightning_sft.bench.common import build_llama, int_at_least, run_and_report, run_main_job
+from lightning_sft.bench.common import build_llama, run_and_report, run_main_job
+from lightning_sft.validation import int_at_least
 from lightning_sft.layer_dropout.dropper import LayerDropper
 from lightning_sft.layer_dropout.schedules import drop_probabilities
 

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from lightning_sft.adapters import LoRAConfig, inject_lora
-from lightning_sft.bench.common import build_llama, int_at_least, run_and_report
+from lightning_sft.bench.common import build_llama, run_and_report
+from lightning_sft.validation import int_at_least
 from lightning_sft.bench.timing import interleaved, paired_ratios, summarize
 
 NAME = "lora"

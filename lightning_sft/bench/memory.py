@@ -13,7 +13,8 @@ import logging
 import warnings
 from typing import Any
 
-from lightning_sft.bench.common import int_at_least, run_and_report
+from lightning_sft.bench.common import run_and_report
+from lightning_sft.validation import int_at_least
 from lightning_sft.memory.estimate import COMPONENTS, TrainingSetup, estimate
 
 NAME = "memory"

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from lightning_sft.bench.common import main_job_summary, int_at_least, run_and_report
+from lightning_sft.bench.common import main_job_summary, run_and_report
+from lightning_sft.validation import int_at_least
 
 NAME = "quality"
 HELP = "held-out accuracy and step time of contextual-sparsity settings on the main job, against dense LoRA"

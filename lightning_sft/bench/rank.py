@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from lightning_sft.bench.common import main_job_summary, int_at_least, run_and_report
+from lightning_sft.bench.common import main_job_summary, run_and_report
+from lightning_sft.validation import int_at_least
 from lightning_sft.rank_search import DEFAULT_CANDIDATES, validate_candidates
 
 NAME = "rank"

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from lightning_sft.bench.common import int_at_least, run_and_report
+from lightning_sft.bench.common import run_and_report
+from lightning_sft.validation import int_at_least
 from lightning_sft.callbacks.contextual_sparsity import context_mask_from_labels
 from lightning_sft.sparsity import QKBlock, VBlock, build_estimator, gated_mlp_block, kept_channels, recall
 from lightning_sft.sparsity.calibration import InputStatistics

@@ -30,7 +30,8 @@ from torch import nn
 from lightning_sft.adapters.targeting import ALL_LINEAR, select_targets
 from lightning_sft.adapters.linear_layers import linear_features
 from lightning_sft.assets import SHIPPED_MODELS
-from lightning_sft.bench.common import build_llama, int_at_least, main_job_summary, run_and_report
+from lightning_sft.bench.common import build_llama, main_job_summary, run_and_report
+from lightning_sft.validation import int_at_least
 from lightning_sft.fingerprint import base_parameters
 from lightning_sft.modules.causal_lm import build_model
 from lightning_sft.sparse_ft.diff import apply_diff, make_diff, read_diff, revert_diff, write_diff

@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from lightning_sft.adapters import LoRAConfig, inject_lora
-from lightning_sft.bench.common import build_llama, int_at_least, run_and_report
+from lightning_sft.bench.common import build_llama, run_and_report
+from lightning_sft.validation import int_at_least
 from lightning_sft.bench.timing import interleaved, paired_ratios, summarize
 from lightning_sft.callbacks.contextual_sparsity import context_mask_from_labels
 from lightning_sft.sparsity import (

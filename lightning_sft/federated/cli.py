@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_sft.atomic_io import atomic_path
-from lightning_sft.bench.common import int_at_least
+from lightning_sft.validation import int_at_least
 from lightning_sft.federated.aggregation import WEIGHTINGS
 from lightning_sft.federated.arithmetic import arithmetic_task, write_partitions
 from lightning_sft.federated.simulation import FederatedResult, run_federated

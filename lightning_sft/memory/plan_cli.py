@@ -7,7 +7,7 @@ import json
 import re
 import sys
 
-from lightning_sft.bench.common import int_at_least
+from lightning_sft.validation import int_at_least
 from lightning_sft.memory.estimate import COMPONENTS
 from lightning_sft.memory.planner import GIB, PLAN_METHODS, QLORA_OVERHEAD, RESERVED_BYTES, ZERO3_OVERHEAD, NothingFits, Plan, plan
 from lightning_sft.memory.shapes import PRESETS
