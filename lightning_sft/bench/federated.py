@@ -34,9 +34,7 @@ def run(args: argparse.Namespace) -> int:
     for label, (personal, dropout) in setups.items():
         result, _ = simulate(args, personal, dropout, save=False)
         figures[label] = summary(result)
-        figures[label]["per_round_accuracy"] = [
-            sum(v["test_acc"] for v in r.evaluate.values()) / len(r.evaluate) if r.evaluate else None for r in result.rounds
-        ]
+        figures[label]["per_round_accuracy"] = [r.mean("test_acc") for r in result.rounds]
     if args.json:
         print(json.dumps(figures, indent=2, default=str))
         return 0

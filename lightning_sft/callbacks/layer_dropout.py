@@ -107,10 +107,9 @@ class LayerDropout(Callback):
         self.decide_every = check_int(decide_every, "decide_every", 1, "A window of 10-50 steps suits most runs.")
         self.probe_batches = check_int(probe_batches, "probe_batches", 1, "A few validation batches suffice.")
         self.compute_budget = None if compute_budget is None else check_budget(compute_budget)
-        self.discount, self.exploration = discount, exploration
-        # Under a budget the arms are known once the stacks are: the bandit is then built in `setup`.
-        self.bandit = DiscountedUCB(len(self.arms), discount, exploration) if self.auto and compute_budget is None else None
-        self._pending_state: dict[str, Any] | None = None  # loaded before the bandit existed
+        self.bandit = DiscountedUCB(len(self.arms), discount, exploration) if self.auto else None
+        # Under a budget the arms are cut in `setup`; a state loaded before then waits for it.
+        self._pending_state: dict[str, Any] | None = None
         self.run_fractions: dict[str, float] = {}  # each block's fraction of training rows run, after a fit
 
         self.dropper: LayerDropper | None = None
@@ -142,14 +141,10 @@ class LayerDropout(Callback):
             )
         stacks = find_stacks(pl_module, self.block_paths)
         self.stack_sizes = [len(stack) for _, stack in stacks]
-        if self.compute_budget is not None:
-            rates = rates_within_budget(
-                self.arms if self.auto else (self.rate,), self.compute_budget, self.schedule, self.stack_sizes,
-                self.protect_first, self.protect_last,
-            )
-            if self.auto and self.bandit is None:
-                self.arms = rates
-                self.bandit = DiscountedUCB(len(self.arms), self.discount, self.exploration)
+        allowed = self.allowed_rates(self.stack_sizes)
+        if self.bandit is not None and allowed != self.arms:
+            self.arms = allowed
+            self.bandit = DiscountedUCB(len(allowed), self.bandit.discount, self.bandit.exploration)
         for (name, _), size in zip(stacks, self.stack_sizes):
             rates = self.arms if self.auto else (self.rate,)
             for rate in rates:  # fail now, not at step 1000, if a rate is infeasible for this stack
@@ -168,6 +163,15 @@ class LayerDropout(Callback):
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
+
+    def allowed_rates(self, stack_sizes: Sequence[int]) -> tuple[float, ...]:
+        """The rates this callback may use on stacks of these sizes: its arms (or its rate) within the budget."""
+        rates = self.arms if self.auto else (self.rate,)
+        if self.compute_budget is None:
+            return rates
+        return rates_within_budget(
+            rates, self.compute_budget, self.schedule, stack_sizes, self.protect_first, self.protect_last
+        )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.dropper is not None:
@@ -296,7 +300,7 @@ class LayerDropout(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.auto and self.bandit is None:  # the budget's arms are known at setup: load then
+        if self.auto and self.compute_budget is not None and self.dropper is None:  # arms not cut yet
             self._pending_state = dict(state_dict)
             return
         self.seed = state_dict["seed"]

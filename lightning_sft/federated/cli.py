@@ -105,10 +105,9 @@ def format_report(result: FederatedResult, counts: list[dict[str, int]]) -> str:
     lines += [f"{i:>6}  {sum(c.values()):>5}  " + " ".join(f"{k} {v}" for k, v in c.items()) for i, c in enumerate(counts)]
     lines += ["", "round  train s  MB down  MB up  MB eval  train loss  personalised acc  failures"]
     for r in result.rounds:
-        losses = [v["train-loss"] for v in r.train.values() if "train-loss" in v]
-        accs = [v["test_acc"] for v in r.evaluate.values() if "test_acc" in v]
-        loss = f"{sum(losses) / len(losses):.4f}" if losses else "-"
-        acc = f"{100 * sum(accs) / len(accs):.1f}%" if accs else "-"
+        mean_loss, mean_acc = r.mean("train-loss", "train"), r.mean("test_acc")
+        loss = "-" if mean_loss is None else f"{mean_loss:.4f}"
+        acc = "-" if mean_acc is None else f"{100 * mean_acc:.1f}%"
         lines.append(
             f"{r.round:>5}  {r.train_seconds:>7.1f}  {r.bytes_down / 1e6:>7.2f}  {r.bytes_up / 1e6:>5.2f}  {r.eval_bytes_down / 1e6:>7.2f}"
             f"  {loss:>10}  {acc:>16}  {len(r.failures):>8}"

@@ -32,7 +32,7 @@ from lightning_sft.adapters.peft_format import save_adapter
 from lightning_sft.callbacks.layer_dropout import LayerDropout
 from lightning_sft.callbacks.lora import LoRA
 from lightning_sft.federated.sharing import adapter_groups, adapter_tensors
-from lightning_sft.layer_dropout.schedules import check_budget, rates_within_budget
+from lightning_sft.layer_dropout.schedules import check_budget
 
 LOCAL_ADAPTERS = "local-adapters"  # context.state: this client's adapters after its last round
 BANDIT_STATE = "layer-dropout"  # context.state: the LayerDropout state, as JSON
@@ -126,12 +126,8 @@ class ClientSettings:
         for client in range(min(num_clients, len(self.budgets))):
             dropout = self.layer_dropout_for(client)
             if dropout is not None:
-                rates = dropout.arms if dropout.auto else (dropout.rate,)
                 try:
-                    rates_within_budget(
-                        rates, self.budget(client), dropout.schedule, stack_sizes, dropout.protect_first,
-                        dropout.protect_last,
-                    )
+                    dropout.allowed_rates(stack_sizes)
                 except ValueError as error:
                     raise ValueError(f"Client {client}: {error}") from None
 
@@ -166,22 +162,40 @@ def _trainer(task: FederatedTask, callbacks: list[Callback], max_steps: int, roo
     return pl.Trainer(**options)
 
 
-def _training_set_size(trainer: pl.Trainer, fallback: int) -> int:
-    dataset = getattr(trainer.train_dataloader, "dataset", None)
+def _dataset_size(loader: Any, fallback: int) -> int:
+    """The number of examples behind a dataloader, or ``fallback`` when its dataset has no length."""
     try:
-        return len(dataset)  # type: ignore[arg-type]
-    except TypeError:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
         return fallback
+
+
+@dataclass
+class _Round:
+    """What a train or evaluate call starts from: the client, the tensors received, the personalised module."""
+
+    client: int
+    num_clients: int
+    shared: dict[str, torch.Tensor]
+    module: pl.LightningModule
+    callbacks: list[Callback]
+    data: pl.LightningDataModule
+
+
+def _start(task: FederatedTask, message: Message, context: Context) -> _Round:
+    """Build the module, load the shared tensors received and this client's own for the rest."""
+    client, num_clients = _client_id(context)
+    shared = dict(message.content.array_records["arrays"].to_torch_state_dict())
+    module, callbacks = task.build(client)
+    _load(module, shared, _state_tensors(context))
+    return _Round(client, num_clients, shared, module, callbacks, task.data(client, num_clients))
 
 
 def train_round(task: FederatedTask, settings: ClientSettings, message: Message, context: Context) -> Message:
     """One round of local training (the ClientApp's ``train``); see the module docstring."""
-    client, num_clients = _client_id(context)
-    config = message.content.config_records["config"]
-    round_ = int(config.get("server-round", 1))
-    shared = dict(message.content.array_records["arrays"].to_torch_state_dict())
-    module, callbacks = task.build(client)
-    _load(module, shared, _state_tensors(context))
+    start = _start(task, message, context)
+    client, module, callbacks = start.client, start.module, start.callbacks
+    round_ = int(message.content.config_records["config"].get("server-round", 1))
     dropout = settings.layer_dropout_for(client)
     if dropout is not None:
         saved = context.state.config_records.get(BANDIT_STATE)
@@ -189,17 +203,16 @@ def train_round(task: FederatedTask, settings: ClientSettings, message: Message,
             dropout.continue_from(json.loads(str(saved["json"])))
         callbacks.append(dropout)
     seed_everything(settings.seed + 1000 * round_ + client, verbose=False)
-    data = task.data(client, num_clients)
     with tempfile.TemporaryDirectory() as root:
         trainer = _trainer(task, callbacks, settings.local_steps, root)
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=data)
-        seconds = time.perf_counter() - start
+        began = time.perf_counter()
+        trainer.fit(module, datamodule=start.data)
+        seconds = time.perf_counter() - began
     trained = adapter_tensors(module)
-    reply = {name: trained[name] for name in shared}  # exactly what was received: nothing personal
+    reply = {name: trained[name] for name in start.shared}  # exactly what was received: nothing personal
     loss = trainer.callback_metrics.get("train_loss")
     metrics: dict[str, float] = {
-        "num-examples": _training_set_size(trainer, trainer.global_step),
+        "num-examples": _dataset_size(trainer.train_dataloader, trainer.global_step),
         "train-seconds": seconds,
         "steps": trainer.global_step,
         "client": client,
@@ -207,10 +220,7 @@ def train_round(task: FederatedTask, settings: ClientSettings, message: Message,
     if loss is not None:
         metrics["train-loss"] = float(loss)
     if dropout is not None:
-        groups = adapter_groups(module, list(trained))
-        for block, fraction in dropout.run_fractions.items():
-            if block in groups.values():
-                metrics[f"{RUN_FRACTION}{block}"] = fraction
+        metrics.update({f"{RUN_FRACTION}{block}": fraction for block, fraction in dropout.run_fractions.items()})
         metrics["drop-rate"] = float(dropout.current_rate(trainer.global_step))
         metrics["compute-budget"] = settings.budget(client)
     # Only now, after a successful round, is the client's state updated.
@@ -224,21 +234,16 @@ def evaluate_round(task: FederatedTask, message: Message, context: Context) -> M
     """The personalised model (shared tensors from the server, personal ones from the state) on the
     client's own test split; replies with every scalar the module's ``test_step`` logged, and saves the
     personalised adapter when the server asks (``save-dir``)."""
-    client, num_clients = _client_id(context)
-    shared = dict(message.content.array_records["arrays"].to_torch_state_dict())
-    module, callbacks = task.build(client)
-    _load(module, shared, _state_tensors(context))
-    data = task.data(client, num_clients)
+    start = _start(task, message, context)
     with tempfile.TemporaryDirectory() as root:
-        trainer = _trainer(task, callbacks, 0, root)
-        results = trainer.test(module, datamodule=data, verbose=False)
+        trainer = _trainer(task, start.callbacks, 0, root)
+        results = trainer.test(start.module, datamodule=start.data, verbose=False)
     metrics: dict[str, float] = {key: float(value) for key, value in (results[0] if results else {}).items()}
-    dataset = getattr(trainer.test_dataloaders, "dataset", None)
-    metrics["num-examples"] = len(dataset) if dataset is not None else 1
-    metrics["client"] = client
+    metrics["num-examples"] = _dataset_size(trainer.test_dataloaders, 1)
+    metrics["client"] = start.client
     config = message.content.config_records.get("config")
     if config is not None and "save-dir" in config:  # this client's personalised adapter, in peft's format
-        save_adapter(module, Path(str(config["save-dir"])) / f"client-{client}")
+        save_adapter(start.module, Path(str(config["save-dir"])) / f"client-{start.client}")
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
 
 

@@ -41,13 +41,17 @@ class RoundRecord:
     bytes_up: int = 0  # adapter bytes the clients sent back
     eval_bytes_down: int = 0  # adapter bytes sent for evaluation
     train_seconds: float = 0.0  # wall-clock from sending the round to aggregating it
-    shared_tensors: int = 0
     failures: list[str] = field(default_factory=list)
     train: dict[int, dict[str, float]] = field(default_factory=dict)  # client -> its training metrics
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)  # client -> its test metrics
     agreement: dict[str, float] = field(default_factory=dict)  # group -> excess agreement (auto's probe round)
     sent: set[str] = field(default_factory=set)  # every tensor name sent to the clients for training
     received: set[str] = field(default_factory=set)  # every tensor name the clients sent back
+
+    def mean(self, key: str, phase: str = "evaluate") -> float | None:
+        """The clients' mean ``key`` in this round's ``train`` or ``evaluate`` metrics (None if none has it)."""
+        values = [metrics[key] for metrics in getattr(self, phase).values() if key in metrics]
+        return sum(values) / len(values) if values else None
 
 
 def _bytes(messages: Iterable[Message]) -> int:
@@ -102,7 +106,6 @@ class PersonalizedFedAvg(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         record = self._record(server_round)
         record.bytes_down = _bytes(messages)
-        record.shared_tensors = len(arrays)
         record.sent = set(arrays.keys())
         self._sent = dict(arrays.to_torch_state_dict())
         self._started = time.perf_counter()
@@ -122,12 +125,11 @@ class PersonalizedFedAvg(FedAvg):
                 continue
             if "arrays" in reply.content.array_records:
                 record.received.update(reply.content.array_records["arrays"].keys())
-            problem = self._problem(reply)
-            if problem is not None:
+            try:
+                update, values = self._read(reply)
+            except ValueError as problem:
                 record.failures.append(f"node {source}: {problem}")
                 continue
-            update = dict(reply.content.array_records["arrays"].to_torch_state_dict())
-            values = dict(reply.content.metric_records["metrics"])
             fractions = {key[len(RUN_FRACTION):]: float(v) for key, v in values.items() if key.startswith(RUN_FRACTION)}
             updates.append(update)
             weights.append(tensor_weights(list(update), self.groups, self.weighting, float(values["num-examples"]), fractions))
@@ -155,19 +157,24 @@ class PersonalizedFedAvg(FedAvg):
         }
         return ArrayRecord(averaged), MetricRecord({**mean, "clients": len(updates)})
 
-    def _problem(self, reply: Message) -> str | None:
+    def _read(self, reply: Message) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A reply's update and metrics; a ValueError saying why it cannot be averaged."""
         content = reply.content
         if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-            return "the reply lacks its 'arrays' or 'metrics' record"
-        if "num-examples" not in content.metric_records["metrics"]:
-            return "its metrics lack 'num-examples'"
-        if float(content.metric_records["metrics"]["num-examples"]) < 0:
-            return "it reports a negative 'num-examples'"
+            raise ValueError("the reply lacks its 'arrays' or 'metrics' record")
+        values = dict(content.metric_records["metrics"])
+        if "num-examples" not in values:
+            raise ValueError("its metrics lack 'num-examples'")
+        if float(values["num-examples"]) < 0:
+            raise ValueError("it reports a negative 'num-examples'")
         try:
             update = dict(content.array_records["arrays"].to_torch_state_dict())
         except Exception as error:  # a malformed array cannot be read back: refuse the reply, keep going
-            return f"its arrays cannot be read ({error})"
-        return problem_with(update, self._sent)
+            raise ValueError(f"its arrays cannot be read ({error})") from None
+        problem = problem_with(update, self._sent)
+        if problem is not None:
+            raise ValueError(problem)
+        return update, values
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

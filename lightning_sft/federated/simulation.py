@@ -109,9 +109,8 @@ def run_federated(
     flower = logging.getLogger("flwr")
     level = flower.level
     flower.setLevel(logging.ERROR)  # failed replies are in the round records
-    threads = {"OMP_NUM_THREADS": str(cpus_per_client)}
-    saved = {key: os.environ.get(key) for key in threads}
-    os.environ.update(threads)
+    saved_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(cpus_per_client)
     try:
         run_simulation(
             server_app=server, client_app=make_client_app(task, settings), num_supernodes=num_clients,
@@ -123,11 +122,10 @@ def run_federated(
         )
     finally:
         flower.setLevel(level)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        if saved_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_threads
     if "error" in outcome:
         raise outcome["error"]
     final = outcome.get("arrays")
