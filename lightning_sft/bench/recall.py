@@ -6,10 +6,9 @@ validation split, the hidden states entering the MLP and the attention (forward 
 oracle's (exact projections, same scoring and same structured top-k) via ``recall``. ``svd<r>`` are
 the reference's weight-only factors; ``svd<r>-cal`` the calibrated (activation-whitened) factors
 that ``ContextualSparsity`` uses by default, fitted on the context tokens of batches from the
-task's *training* split (disjoint from the validation batches scored), as its warm-up would. The blocks are
-those the sparse wrappers build: ``gated_mlp_block`` for the MLP, ``QKBlock(balanced=True,
-rotary_pairs=True)`` with ``kept_channels(..., multiple_of=2 * num_kv_heads)`` for Q/K, and
-``VBlock`` with ``kept_channels(...)`` for V. The context mask is ``context_mask_from_labels``
+task's *training* split (disjoint from the validation batches scored), as its warm-up would. The blocks and
+kept counts are those ``ContextualSparsity`` builds: ``BlockAnatomy.estimator_blocks`` of each block
+``lightning_sft.anatomy.describe`` finds and ``sparsity.kept_counts``. The context mask is ``context_mask_from_labels``
 restricted to real (non-padding) tokens.
 """
 
@@ -24,7 +23,8 @@ import torch
 from lightning_sft.bench.common import run_and_report
 from lightning_sft.validation import int_at_least
 from lightning_sft.callbacks.contextual_sparsity import context_mask_from_labels
-from lightning_sft.sparsity import QKBlock, VBlock, build_estimator, gated_mlp_block, kept_channels, recall
+from lightning_sft.anatomy import describe
+from lightning_sft.sparsity import build_estimator, kept_counts, recall
 from lightning_sft.sparsity.calibration import InputStatistics
 
 NAME = "recall"
@@ -124,8 +124,6 @@ def benchmark(
     path = SHIPPED_MODELS[MODEL]
     model = AutoModelForCausalLM.from_pretrained(path).to(torch.float32).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    config = model.config
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     strategies = [f"svd{rank}" for rank in ranks] + [f"svd{rank}-cal" for rank in ranks] + ["norm", "random"]
     data = _batches(tokenizer, batches, calibration_batches, batch_size, seed)
 
@@ -139,20 +137,10 @@ def benchmark(
 
     # One estimator per (layer, part, strategy), prepared once (SVDs) and reused on every batch.
     layers: list[dict[str, Any]] = []
-    for i, decoder in enumerate(model.model.layers):
-        attn = decoder.self_attn
-        blocks = {
-            "mlp": gated_mlp_block(decoder.mlp, f"layers.{i}.mlp"),
-            "qk": QKBlock(attn.q_proj.weight.detach(), attn.k_proj.weight.detach(), heads, kv_heads,
-                          q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias, balanced=True, rotary_pairs=True),
-            "v": VBlock(attn.v_proj.weight.detach(), kv_heads, v_bias=attn.v_proj.bias),
-        }
-        kv = blocks["v"].num_channels
-        keep = {
-            "mlp": kept_channels(blocks["mlp"].num_channels, sparsity),
-            "qk": kept_channels(kv, sparsity, multiple_of=2 * kv_heads),
-            "v": kept_channels(kv, sparsity),
-        }
+    anatomy = describe(model)
+    for i, (mlp, attn) in enumerate(zip(anatomy.mlps, anatomy.attentions)):
+        blocks = {**mlp.estimator_blocks(model), **attn.estimator_blocks(model)}
+        keep = {**kept_counts(mlp, sparsity), **kept_counts(attn, sparsity)}
         estimators = {
             part: {
                 "oracle": build_estimator("oracle", block),
@@ -196,7 +184,7 @@ def benchmark(
         "context_tokens": context_tokens,
         "tokens": total_tokens,
         "kept": layers[0]["keep"],
-        "channels": {"mlp": config.intermediate_size, "qk": kv, "v": kv},
+        "channels": {group.name: group.channels for block in anatomy.mlps[:1] + anatomy.attentions[:1] for group in block.groups},
         "strategies": strategies,
         "per_layer": per_layer,
         "mean": mean,

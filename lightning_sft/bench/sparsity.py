@@ -31,15 +31,8 @@ from lightning_sft.bench.common import build_llama, run_and_report
 from lightning_sft.validation import int_at_least
 from lightning_sft.bench.timing import interleaved, paired_ratios, summarize
 from lightning_sft.callbacks.contextual_sparsity import context_mask_from_labels
-from lightning_sft.sparsity import (
-    SparseGatedMLP,
-    SparsityState,
-    attention_hooks,
-    resolve_layer_sparsity,
-    wrap_attention,
-    wrap_gated_mlps,
-)
-from lightning_sft.sparsity.discovery import find_targets
+from lightning_sft.anatomy import describe
+from lightning_sft.sparsity import SparsityState, resolve_layer_sparsity, sparse_blocks, sparsify
 from lightning_sft.tasks.exact_match import IGNORE_INDEX
 
 NAME = "sparsity"
@@ -159,12 +152,8 @@ class EstimatorTimer:
 
     def __init__(self, model: nn.Module) -> None:
         self.seconds = 0.0
-        for module in model.modules():
-            hooks = attention_hooks(module)
-            estimators = [module.estimator] if isinstance(module, SparseGatedMLP) else []
-            if hooks is not None:
-                estimators += [hooks.qk_estimator, hooks.v_estimator]
-            for estimator in estimators:
+        for block in sparse_blocks(model):
+            for estimator in block.estimators.values():
                 estimator.select = self._timed(estimator.select)
 
     def _timed(self, select: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -199,11 +188,8 @@ def build_variant(
     """Wrap a shared-base copy; the SVD cache makes every variant reuse one set of factors."""
     model = share_frozen_copy(base)
     state = SparsityState(active=True)
-    targets = find_targets(model)
-    if any(mlp):
-        wrap_gated_mlps(model, state, "svd", mlp, targets.mlps, rank=rank, cache=cache)
-    if any(attn):
-        wrap_attention(model, state, "svd", attn, targets.attentions, rank=rank, cache=cache)
+    anatomy = describe(model)
+    sparsify(model, anatomy.mlps + anatomy.attentions, mlp + attn, state, "svd", rank=rank, cache=cache)
     return Variant(name, description, model, state, mlp, attn, EstimatorTimer(model))
 
 

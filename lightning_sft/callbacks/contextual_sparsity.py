@@ -13,19 +13,18 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_sft.adapters.injection import replace_submodule
+from lightning_sft.anatomy import ModelAnatomy, describe
 from lightning_sft.flops import report_skipped_flops
 from lightning_sft.sparsity import (
     PRESETS,
     ChannelEstimator,
+    SparseBlock,
     SparsityState,
-    attention_hooks,
     available_strategies,
+    desparsify,
     kept_channels,
     resolve_layer_sparsity,
-    unwrap_all,
-    unwrap_attention,
-    wrap_attention,
+    sparsify,
 )
 from lightning_sft.sparsity.calibration import (
     SPARSITY_GRID,
@@ -34,7 +33,6 @@ from lightning_sft.sparsity.calibration import (
     mlp_errors,
     relative_errors,
 )
-from lightning_sft.sparsity.discovery import find_targets
 from lightning_sft.sparsity.schedule import dense_warmup_steps
 from lightning_sft.tasks.exact_match import IGNORE_INDEX
 
@@ -153,7 +151,7 @@ class ContextualSparsity(Callback):
         self.calibration_steps = calibration_steps
         self.flops_budget = flops_budget
         self.state = SparsityState(sparse_output_tokens=sparse_output_tokens)
-        self.wrapped: list[str] = []
+        self.blocks: list[SparseBlock] = []
         self.auto_sparsity: dict[str, float] = {}  # the "auto" choice per MLP, once calibrated
         self._warmup_steps = 0
         self._calibrating = False
@@ -167,27 +165,33 @@ class ContextualSparsity(Callback):
         if stage == "fit":
             self._plan(pl_module)  # refuse a model it cannot handle now, before any training
 
-    def _plan(self, pl_module: pl.LightningModule) -> tuple[Any, list[float], list[float]]:
-        targets = find_targets(pl_module)
+    def _plan(self, pl_module: pl.LightningModule) -> tuple[ModelAnatomy, list[float], list[float]]:
+        anatomy = describe(pl_module)
         spec = 1.0 - self.flops_budget if self.mlp_sparsity == AUTO else self.mlp_sparsity  # "auto" starts uniform
+        if anatomy.moe and spec != 0:
+            raise ValueError(
+                f"{anatomy.moe[0]} is a mixture-of-experts block: each expert already runs only on the tokens routed"
+                " to it, and its experts are stored as one batched weight that the sliced products do not describe."
+                " Pass mlp_sparsity=0 (dense experts) and attn_sparsity > 0 to make the attention sparse."
+            )
         dense = () if isinstance(spec, str) else self.dense_layers
-        mlp = resolve_layer_sparsity(spec, len(targets.mlps), dense_layers=dense) if targets.mlps else []
+        mlp = resolve_layer_sparsity(spec, len(anatomy.mlps), dense_layers=dense) if anatomy.mlps else []
         attn: list[float] = []
-        if targets.attentions:
+        if anatomy.attentions:
             dense = () if isinstance(self.attn_sparsity, str) else self.dense_layers
-            attn = resolve_layer_sparsity(self.attn_sparsity, len(targets.attentions), part="attn", dense_layers=dense)
-        if any(attn) and not targets.attentions:
-            raise TypeError("attn_sparsity > 0 needs attention modules with separate q/k/v/o projections.")
+            attn = resolve_layer_sparsity(self.attn_sparsity, len(anatomy.attentions), part="attn", dense_layers=dense)
+        elif self.attn_sparsity not in (0, 0.0):
+            raise TypeError(f"attn_sparsity > 0, but {type(pl_module).__name__} has no recognisable attention block.")
         if self.mlp_sparsity == AUTO and not any(mlp):
             raise ValueError("mlp_sparsity='auto' found no MLP outside dense_layers to make sparse.")
         if not any(mlp) and not any(attn):
             rank_zero_warn("ContextualSparsity: every layer has sparsity 0, so training stays dense.")
-        return targets, mlp, attn
+        return anatomy, mlp, attn
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every callback's setup (so LoRA has frozen the base, whatever the callback order);
         # wrapping adds no parameters, so the optimizer built since then is unaffected.
-        targets, mlp, attn = self._plan(pl_module)
+        anatomy, mlp, attn = self._plan(pl_module)
         self._warmup_steps = dense_warmup_steps(int(trainer.estimated_stepping_batches), self.dense_warmup)
         if self.mlp_sparsity == AUTO and self._warmup_steps == 0:
             raise ValueError(
@@ -201,10 +205,9 @@ class ContextualSparsity(Callback):
         if self.strategy == "svd":
             cache = Path(self.cache_dir) if self.cache_dir else None
             options = {"rank": self.estimator_rank, "cache": cache, "calibrated": calibrate}
-        self.wrapped = targets.wrap_mlps(pl_module, self.state, self.strategy, mlp, **options) if any(mlp) else []
-        if any(attn):
-            self.wrapped += wrap_attention(pl_module, self.state, self.strategy, attn, targets.attentions, **options)
-        self._estimator_map = self._estimators(pl_module)
+        blocks = anatomy.mlps + anatomy.attentions
+        self.blocks = sparsify(pl_module, blocks, mlp + attn, self.state, self.strategy, **options)
+        self._estimator_map = self._estimators()
         learns = any(type(e).calibrate is not ChannelEstimator.calibrate for _, e in self._estimator_map.values())
         self._calibrating = calibrate and (learns or self.mlp_sparsity == AUTO)
         if self._calibrating and self.mlp_sparsity == AUTO:
@@ -213,51 +216,47 @@ class ContextualSparsity(Callback):
             self._restore(pl_module)
         calibrating = min(self.calibration_steps, self._warmup_steps) if self._calibrating else 0
         rank_zero_info(
-            f"ContextualSparsity: {self.strategy} on {len(self.wrapped)} modules; dense for the first"
+            f"ContextualSparsity: {self.strategy} on {len(self.blocks)} blocks; dense for the first"
             f" {self._warmup_steps} steps" + (f", calibrating on the last {calibrating}." if calibrating else ".")
         )
 
-    # -- the wrapped modules -------------------------------------------------------------------------
+    # -- the sparse blocks ---------------------------------------------------------------------------
 
-    def _mlp_wrappers(self, pl_module: nn.Module) -> dict[str, Any]:
-        modules = {name: pl_module.get_submodule(name) for name in self.wrapped}
-        return {name: module for name, module in modules.items() if hasattr(module, "dropped_output")}
+    def _mlp_blocks(self) -> dict[str, SparseBlock]:
+        return {block.name: block for block in self.blocks if block.anatomy.kind == "mlp"}
 
-    def _estimators(self, pl_module: nn.Module) -> dict[str, tuple[str, ChannelEstimator]]:
+    def _estimators(self) -> dict[str, tuple[str, ChannelEstimator]]:
         """Every estimator by a stable key (the MLP name, or ``<attention>.qk`` / ``<attention>.v``),
-        with the name of the module whose inputs it scores."""
+        with the name of the block whose inputs it scores."""
         estimators: dict[str, tuple[str, ChannelEstimator]] = {}
-        for name in self.wrapped:
-            module = pl_module.get_submodule(name)
-            hooks = attention_hooks(module)
-            if hooks is not None:
-                estimators[f"{name}.qk"] = (name, hooks.qk_estimator)
-                estimators[f"{name}.v"] = (name, hooks.v_estimator)
-            else:
-                estimators[name] = (name, module.estimator)
+        for block in self.blocks:
+            for group, estimator in block.estimators.items():
+                key = block.name if block.anatomy.kind == "mlp" else f"{block.name}.{group}"
+                estimators[key] = (block.name, estimator)
         return estimators
 
-    def _set_mlp_sparsity(self, pl_module: nn.Module, sparsity: dict[str, float]) -> None:
-        """Apply an "auto" choice: new kept counts; a layer chosen dense gets its original module back."""
-        wrappers = self._mlp_wrappers(pl_module)
-        if set(sparsity) != set(wrappers):
-            raise ValueError(f"The 'auto' sparsity covers {sorted(sparsity)}, but the wrapped MLPs are {sorted(wrappers)}.")
+    def _set_mlp_sparsity(self, sparsity: dict[str, float]) -> None:
+        """Apply an "auto" choice: new kept counts; a layer chosen dense gets its own forward back."""
+        blocks = self._mlp_blocks()
+        if set(sparsity) != set(blocks):
+            raise ValueError(f"The 'auto' sparsity covers {sorted(sparsity)}, but the sparse MLPs are {sorted(blocks)}.")
         for name, value in sparsity.items():
             if value == 0.0:
-                replace_submodule(pl_module, name, wrappers[name].original)
-                self.wrapped.remove(name)
+                blocks[name].remove()
+                self.blocks.remove(blocks[name])
             else:
-                wrappers[name].keep = kept_channels(wrappers[name].intermediate, value)
+                blocks[name].keep["mlp"] = kept_channels(blocks[name].intermediate, value)
         self.auto_sparsity = dict(sparsity)
-        self._estimator_map = self._estimators(pl_module)
+        self._estimator_map = self._estimators()
 
     # -- calibration ---------------------------------------------------------------------------------
 
     def _track_residuals(self, pl_module: nn.Module) -> None:
         """For "auto": the residual stream after each MLP's layer (its parent's output) sets the scale
         its error is judged against."""
-        for name in self._mlp_wrappers(pl_module):
-            parent = pl_module.get_submodule(name.rpartition(".")[0])
+        for name, block in self._mlp_blocks().items():
+            # The layer around an MLP module; an MLP spread over its layer (OPT, BERT) is the layer itself.
+            parent = pl_module.get_submodule(name.rpartition(".")[0] if block.region is not None else name)
 
             def hook(module: nn.Module, args: Any, output: Any, name: str = name) -> None:
                 out = output[0] if isinstance(output, (tuple, list)) else output
@@ -294,7 +293,7 @@ class ContextualSparsity(Callback):
         for source, estimator in self._estimator_map.values():
             estimator.calibrate(statistics[source].gram, statistics[source].tokens)
         if self.mlp_sparsity == AUTO:
-            wrappers = self._mlp_wrappers(pl_module)
+            wrappers = self._mlp_blocks()
             errors = torch.stack([
                 relative_errors(
                     reduce_sum(mlp_errors(wrapper, statistics[name]).to(statistics[name].gram.device)).cpu(),
@@ -303,7 +302,7 @@ class ContextualSparsity(Callback):
                 for name, wrapper in wrappers.items()
             ])
             choice = dict(zip(wrappers, allocate_sparsity(errors, self.flops_budget)))
-            self._set_mlp_sparsity(pl_module, choice)
+            self._set_mlp_sparsity(choice)
             rank_zero_info(self._auto_report(errors, choice))
         self.state.statistics, self.state.observing, self._calibrating = {}, False, False
 
@@ -321,7 +320,7 @@ class ContextualSparsity(Callback):
         loaded, self._loaded = self._loaded, {}
         if "estimators" in loaded:
             if loaded.get("auto_sparsity"):
-                self._set_mlp_sparsity(pl_module, loaded["auto_sparsity"])
+                self._set_mlp_sparsity(loaded["auto_sparsity"])
             if set(loaded["estimators"]) != set(self._estimator_map):
                 raise ValueError(
                     f"The checkpoint's ContextualSparsity state covers {sorted(loaded['estimators'])}, but this model's"
@@ -338,7 +337,7 @@ class ContextualSparsity(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._calibrating:
             return {"statistics": {name: stats.state_dict() for name, stats in self.state.statistics.items()}}
-        if not self.wrapped:
+        if not self.blocks:
             return {}
         estimators = {key: estimator.state_dict() for key, (_, estimator) in self._estimator_map.items()}
         return {"estimators": estimators, "auto_sparsity": dict(self.auto_sparsity)}
@@ -369,7 +368,7 @@ class ContextualSparsity(Callback):
         if self._calibrating and step >= self._warmup_steps and state.statistics:
             self._finish_calibration(trainer, pl_module)  # resumed from a checkpoint taken mid-calibration
         state.observing = self._calibrating and step >= self._warmup_steps - self.calibration_steps
-        state.active = bool(self.wrapped) and step >= self._warmup_steps and not self._calibrating
+        state.active = bool(self.blocks) and step >= self._warmup_steps and not self._calibrating
         state.context_mask = self._context_mask(batch) if state.active or state.observing else None
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -387,7 +386,7 @@ class ContextualSparsity(Callback):
         state.active, state.observing, state.context_mask = False, False, None  # validation and the rest: dense
         if observed and trainer.global_step >= self._warmup_steps:
             self._finish_calibration(trainer, pl_module)
-        if not self.wrapped:
+        if not self.blocks:
             return
         metrics = {f"sparsity/{name}": value for name, value in achieved.items()}
         metrics["sparsity/mean"] = sum(achieved.values()) / len(achieved) if achieved else 0.0
@@ -397,7 +396,6 @@ class ContextualSparsity(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_residual_hooks()
-        if stage == "fit" and self.wrapped:
-            unwrap_all(pl_module)
-            unwrap_attention(pl_module)
-            self.wrapped = []
+        if stage == "fit" and self.blocks:
+            desparsify(pl_module)
+            self.blocks = []

@@ -242,3 +242,85 @@ def cols_matmul(
     """``h @ W[:, idx].T (+ bias)``: ``h (..., len(idx))`` holds input channels ``idx`` only;
     shape ``(..., out)``. For the projections that consume them (down_proj, o_proj)."""
     return sparse_matmul("cols", h, weight, idx, bias, transposed=transposed, backend=backend, check_idx=check_idx)
+
+
+class _FusedRows(torch.autograd.Function):
+    """``rows`` products of several frozen weights that read one activation, as one GEMM over the
+    concatenated row slices (torch backend). Backward is one GEMM too, reusing the forward's slice
+    when ``keep_slice`` allows."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, widths: list[int], *operands: Tensor | None) -> Tensor:
+        parts = len(widths)
+        weights, indices, biases = operands[:parts], operands[parts : 2 * parts], operands[2 * parts :]
+        total = sum(widths)
+        w_cat = a.new_empty(total, a.shape[1])
+        offset = 0
+        for w, idx, k in zip(weights, indices, widths):
+            if w.dtype == a.dtype:
+                torch.index_select(w, 0, idx, out=w_cat[offset : offset + k])
+            else:
+                w_cat[offset : offset + k] = w.index_select(0, idx)
+            offset += k
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([
+                (b.index_select(0, idx) if b is not None else a.new_zeros(k)).to(a.dtype)
+                for b, idx, k in zip(biases, indices, widths)
+            ])
+        ctx.widths, ctx.bias_info = widths, [(b.dtype, b.numel()) if b is not None else None for b in biases]
+        keep = ctx.needs_input_grad[0] and keep_slice(a.shape[0], a.shape[1], total)
+        ctx.save_for_backward(*(w_cat if keep else torch.empty(0),), *weights, *indices)
+        ctx.kept = keep
+        return torch.nn.functional.linear(a, w_cat, bias)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        parts = len(ctx.widths)
+        weights, indices = saved[1 : 1 + parts], saved[1 + parts :]
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            w_cat = saved[0] if ctx.kept else torch.cat([w.index_select(0, i).to(g.dtype) for w, i in zip(weights, indices)])
+            grad_a = g @ w_cat
+        grad_biases: list[Tensor | None] = []
+        for n, (info, chunk, idx) in enumerate(zip(ctx.bias_info, g.split(ctx.widths, dim=1), indices)):
+            if info is None or not ctx.needs_input_grad[2 + 2 * parts + n]:
+                grad_biases.append(None)
+                continue
+            dtype, length = info
+            grad_biases.append(chunk.sum(0).to(dtype).new_zeros(length).index_copy_(0, idx, chunk.sum(0).to(dtype)))
+        return (grad_a, None, *([None] * (2 * parts)), *grad_biases)
+
+
+def fused_rows_matmul(
+    x: Tensor,
+    weights: list[Tensor],
+    indices: list[Tensor],
+    biases: list[Tensor | None],
+    transposed: list[bool],
+    *,
+    backend: Backend = "auto",
+) -> list[Tensor]:
+    """``[rows_matmul(x, w, idx, b) for each part]`` for projections that read the same ``x`` (gate and
+    up, or q, k and v): on the torch backend one gather into one slice and one GEMM (and one GEMM in
+    backward) instead of one per weight; the Triton kernels run per weight (they copy nothing).
+    Index values are not checked (``check_idx=False`` semantics)."""
+    if not (len(weights) == len(indices) == len(biases) == len(transposed)) or not weights:
+        raise ValueError("fused_rows_matmul needs one index, bias and transposed flag per weight, and >= 1 weight")
+    views = [w.t() if t else w for w, t in zip(weights, transposed)]
+    for w, idx, bias in zip(views, indices, biases):
+        if w.requires_grad:
+            raise ValueError("frozen weights only: a weight requires grad; use F.linear for trained weights.")
+        _check_idx(idx, w.shape[0], w.device, check_values=False)
+        _check_operands("rows", x, w, idx, bias)
+    dtype = _compute_dtype(x, views[0], biases[0])
+    if len(views) == 1 or resolve_backend(backend, x.device, dtype) == "triton":
+        return [
+            sparse_matmul("rows", x, w, idx, b, transposed=t, backend=backend, check_idx=False)
+            for w, idx, b, t in zip(weights, indices, biases, transposed)
+        ]
+    flat = x.reshape(x.shape[:-1].numel(), x.shape[-1]).to(dtype)
+    widths = [idx.numel() for idx in indices]
+    out = _FusedRows.apply(flat, widths, *views, *indices, *biases)
+    return [part.reshape(*x.shape[:-1], part.shape[-1]) for part in out.split(widths, dim=-1)]

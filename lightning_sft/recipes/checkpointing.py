@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_sft.layer_dropout.stacks import find_stacks
-from lightning_sft.sparsity.sparse_attention import attention_hooks
-from lightning_sft.sparsity.sparse_mlp import SparsityState
+from lightning_sft.sparsity.sparse_blocks import sparse_blocks
+from lightning_sft.sparsity.state import SparsityState
 
 # Marks our forwards; the value is the instance attribute ``forward`` they replaced (None: the class's).
 _MARK = "_lightning_sft_checkpointed"
@@ -152,15 +152,8 @@ def _without_caches(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tupl
 
 
 def _sparsity_states(block: nn.Module) -> list[SparsityState]:
-    """The ``SparsityState``s read inside ``block``: sparse MLP wrappers and sparse attention hooks."""
-    states: dict[int, SparsityState] = {}
-    for module in block.modules():
-        state = getattr(module, "state", None)
-        if isinstance(state, SparsityState):
-            states[id(state)] = state
-        hooks = attention_hooks(module)
-        if hooks is not None:
-            states[id(hooks.state)] = hooks.state
+    """The ``SparsityState``s read inside ``block``: those of its sparse blocks."""
+    states = {id(sparse.state): sparse.state for sparse in sparse_blocks(block)}
     return list(states.values())
 
 

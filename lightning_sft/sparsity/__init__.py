@@ -1,6 +1,6 @@
 """Contextual sparsity for fine-tuning (SparseLoRA): channel estimators, their cache, per-layer
-schedules, FLOPs accounting, the sparse MLP wrappers and the sparse attention hooks. Pure torch;
-the Lightning wiring lives in ``lightning_sft.callbacks``."""
+schedules, FLOPs accounting and the sparse execution of the blocks ``lightning_sft.anatomy``
+describes. Pure torch; the Lightning wiring lives in ``lightning_sft.callbacks``."""
 
 from lightning_sft.sparsity.blocks import (
     AttentionIndices,
@@ -35,77 +35,51 @@ from lightning_sft.sparsity.schedule import (
     reference_layer,
     resolve_layer_sparsity,
 )
-from lightning_sft.sparsity.sparse_attention import (
-    AttentionGeometry,
-    SparseAttentionHooks,
-    attention_hooks,
-    unwrap_attention,
-    wrap_attention,
-)
-from lightning_sft.sparsity.sparse_mlp import (
-    MLPLayout,
-    SparseBertMLP,
-    SparseGatedMLP,
-    SparsePlainMLP,
-    SparsityState,
-    gated_mlp_block,
-    unwrap_all,
-    wrap_bert_mlps,
-    wrap_gated_mlps,
-    wrap_plain_mlps,
-)
+from lightning_sft.sparsity.sparse_blocks import SparseBlock, desparsify, kept_counts, sparse_blocks, sparsify
 from lightning_sft.sparsity.sparse_flops import SparseFlops, attention_projection_flops, mlp_flops
+from lightning_sft.sparsity.state import SparsityState
 from lightning_sft.sparsity.svd_cache import LowRankFactors, StaleCacheError, SVDCache, svd_factors, whitened_factors
 
 __all__ = [
     "PRESETS",
     "AllChannels",
-    "AttentionGeometry",
     "AttentionIndices",
     "Block",
     "ChannelEstimator",
     "GatedMLPBlock",
     "LowRankFactors",
     "MLPBlock",
-    "MLPLayout",
     "NormEstimator",
     "OracleEstimator",
     "QKBlock",
     "RandomEstimator",
     "SVDCache",
     "SVDEstimator",
-    "SparseAttentionHooks",
-    "SparseBertMLP",
+    "SparseBlock",
     "SparseFlops",
-    "SparseGatedMLP",
-    "SparsePlainMLP",
     "SparsityPreset",
     "SparsityState",
     "StaleCacheError",
     "VBlock",
-    "attention_hooks",
     "attention_indices",
     "attention_projection_flops",
     "available_strategies",
     "build_estimator",
     "dense_warmup_steps",
+    "desparsify",
     "expand_kv_channels",
-    "gated_mlp_block",
     "get_strategy",
     "is_dense_step",
     "kept_channels",
+    "kept_counts",
     "mlp_flops",
     "preset",
     "recall",
     "reference_layer",
     "register_strategy",
     "resolve_layer_sparsity",
+    "sparse_blocks",
+    "sparsify",
     "svd_factors",
     "whitened_factors",
-    "unwrap_all",
-    "unwrap_attention",
-    "wrap_attention",
-    "wrap_gated_mlps",
-    "wrap_bert_mlps",
-    "wrap_plain_mlps",
 ]

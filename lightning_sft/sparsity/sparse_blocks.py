@@ -1,0 +1,490 @@
+"""Contextual-sparse execution of the blocks ``lightning_sft.anatomy.describe`` finds, one mechanism
+for every family: the context tokens' frozen products run on the channels an estimator keeps,
+everything else (output tokens, padding, every LoRA branch) stays dense.
+
+Each projection of a block gets an instance-level ``forward`` (removed again by ``desparsify``;
+nothing in the module tree changes, so parameter names, state-dict keys and ``lora_layers`` are
+untouched). Per forward, the first call of the block chooses one index set per channel group
+(``ChannelGroup``) from the block input, and then:
+
+* **compact** (the block is a token-wise module: every MLP module): the module's own forward runs
+  twice, on the dense rows unchanged and on the context rows with producers returning only the
+  kept rows (all slices of a fused projection, in slice order: Phi-3's ``chunk(2)`` still splits
+  gate from up) and consumers reading only the kept columns, so intermediates are ``k`` wide;
+* **in place** (attention, and MLPs spread over a layer: OPT, BERT): each producer computes the
+  context rows' kept output rows and returns zeros in the others; each consumer reads only the
+  kept columns of the context rows. The family's own code (RoPE, GQA, norms, softmax) runs as is.
+
+Either way the result equals the dense block whose dropped channels are zeroed for the context
+tokens (producer outputs before anything reads them, consumer inputs), with exact input and LoRA
+gradients. Pure torch (no Lightning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_sft.adapters.linear_layers import linear_features, weight_is_transposed
+from lightning_sft.adapters.lora_layer import LoRALinear
+from lightning_sft.adapters.quantization import (
+    is_quantized,
+    quantized_cols_matmul,
+    quantized_linear,
+    quantized_rows_matmul,
+)
+from lightning_sft.anatomy import BlockAnatomy, Slice, projection_base
+from lightning_sft.kernels import cols_matmul, rows_matmul
+from lightning_sft.kernels.dispatch import fused_rows_matmul
+from lightning_sft.kernels.token_rows import TokenRows
+from lightning_sft.sparsity.estimators import ChannelEstimator, build_estimator
+from lightning_sft.sparsity.schedule import kept_channels
+from lightning_sft.sparsity.state import SparsityState
+
+_OWNER = "_lightning_sft_sparse_block"  # instance attribute marking a module a SparseBlock drives
+
+
+# -- the products ------------------------------------------------------------------------------------
+
+
+def linear_eval(layer: nn.Module, x: Tensor, bias: bool = True) -> Tensor:
+    """A projection (LoRA branch included) as in eval mode: no dropout, whatever ``training`` is."""
+    base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+    if is_quantized(base):
+        out = quantized_linear(base, x, bias)
+    else:
+        weight = base.weight.t() if weight_is_transposed(base) else base.weight
+        out = F.linear(x.to(weight.dtype), weight, base.bias if bias else None)
+    if isinstance(layer, LoRALinear) and not layer.merged:
+        lora = F.linear(F.linear(x.to(layer.lora_A.dtype), layer.lora_A), layer.lora_B) * layer.scaling
+        out = out + lora.to(out.dtype)
+    return out
+
+
+def sparse_rows(layer: nn.Module, x: Tensor, idx: Tensor) -> Tensor:
+    """Output rows ``idx`` of a projection; a LoRA branch stays dense: ``(x A^T s) B[idx]^T``."""
+    base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+    if is_quantized(base):  # decodes only rows idx of the 4-bit weight
+        out = quantized_rows_matmul(x, base, idx)
+    else:
+        out = rows_matmul(x, base.weight, idx, base.bias, transposed=weight_is_transposed(base), check_idx=False)
+    if not isinstance(layer, LoRALinear):
+        return out
+    h = F.linear(layer.dropout(x).to(layer.lora_A.dtype), layer.lora_A)
+    return _add_lora_rows(out, layer, h, idx)
+
+
+def _add_lora_rows(out: Tensor, layer: LoRALinear, h: Tensor, idx: Tensor) -> Tensor:
+    """``out + (h s) B[idx]^T``, with ``h = dropout(x) A^T`` already computed."""
+    return out + F.linear(h * layer.scaling, layer.lora_B.index_select(0, idx)).to(out.dtype)
+
+
+def _fusable(layer: nn.Module) -> bool:
+    """Whether a producer can share its input's GEMMs with its siblings: a plain (not 4-bit) base, and
+    no LoRA dropout drawing a mask of its own."""
+    base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+    if is_quantized(base):
+        return False
+    return not isinstance(layer, LoRALinear) or isinstance(layer.dropout, nn.Identity) or not layer.training
+
+
+def fused_sparse_rows(layers: list[nn.Module], x: Tensor, indices: list[Tensor]) -> list[Tensor]:
+    """``[sparse_rows(layer, x, idx) ...]`` for producers reading the same ``x`` (``_fusable`` ones):
+    one gather-GEMM for the bases and one GEMM for the LoRA A matrices (``x [A_1; A_2; ...]^T``)."""
+    bases = [layer.base_layer if isinstance(layer, LoRALinear) else layer for layer in layers]
+    outs = fused_rows_matmul(
+        x, [b.weight for b in bases], indices, [b.bias for b in bases], [weight_is_transposed(b) for b in bases]
+    )
+    adapted = [i for i, layer in enumerate(layers) if isinstance(layer, LoRALinear)]
+    dtypes = {layers[i].lora_A.dtype for i in adapted}
+    if len(dtypes) == 1:
+        a_cat = torch.cat([layers[i].lora_A for i in adapted])
+        hs = F.linear(x.to(a_cat.dtype), a_cat).split([layers[i].r for i in adapted], dim=-1)
+    else:
+        hs = [F.linear(x.to(layers[i].lora_A.dtype), layers[i].lora_A) for i in adapted]
+    for i, h in zip(adapted, hs):
+        outs[i] = _add_lora_rows(outs[i], layers[i], h, indices[i])
+    return outs
+
+
+def sparse_cols(layer: nn.Module, h: Tensor, idx: Tensor) -> Tensor:
+    """A projection of ``h`` that holds only input columns ``idx`` (the others are zero): the LoRA
+    branch is ``(h A[:, idx]^T s) B^T``, its dense value on the zero-filled input."""
+    base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+    if is_quantized(base):  # decodes only columns idx of the 4-bit weight
+        out = quantized_cols_matmul(h, base, idx)
+    else:
+        out = cols_matmul(h, base.weight, idx, base.bias, transposed=weight_is_transposed(base), check_idx=False)
+    if not isinstance(layer, LoRALinear):
+        return out
+    a = F.linear(layer.dropout(h).to(layer.lora_A.dtype), layer.lora_A.index_select(1, idx)) * layer.scaling
+    return out + F.linear(a, layer.lora_B).to(out.dtype)
+
+
+# -- one block ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """One forward's channel choice for a block, shared by all its projections."""
+
+    x: Tensor  # the block input the choice was made on (in place: the producers' shared input)
+    rows: TokenRows  # which flat token rows run sparse
+    idx: dict[str, Tensor]  # per channel group: the kept channels
+    physical: dict[str, Tensor]  # per projection: its kept rows (producer) or columns (consumer)
+    compact: bool
+    ran: list[str] = field(default_factory=list)
+    requires_grad: bool = False
+    pending: tuple[Tensor, dict[str, Tensor]] | None = None  # sibling producers' outputs on one input
+    _split: tuple[Tensor, Tensor, Tensor] | None = None  # a producer input and its (context, dense) rows
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(context rows, dense rows) of a producer input; producers sharing one input split it once."""
+        if self._split is None or self._split[0] is not x:
+            self._split = (x, *self.rows.split(x.reshape(-1, x.shape[-1])))
+        return self._split[1], self._split[2]
+
+
+class SparseBlock:
+    """One described block made sparse: its estimators, kept counts and installed forwards.
+
+    Dense (the modules' own forwards, bit for bit) while ``state.active`` is False, no mask is set
+    or the mask has no context token. Skipped FLOPs count the input-gradient backward only when the
+    output needs a gradient; recomputation under activation checkpointing is counted again.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        anatomy: BlockAnatomy,
+        state: SparsityState,
+        estimators: dict[str, ChannelEstimator],
+        keep: dict[str, int],
+    ) -> None:
+        self.anatomy = anatomy
+        self.name = anatomy.name
+        self.state = state
+        self.estimators = estimators
+        self.keep = keep
+        self.modules = {path: model.get_submodule(path) for path in anatomy.projections}
+        self.features = {
+            path: linear_features(projection_base(module, path, frozen=False)) for path, module in self.modules.items()
+        }
+        self.region = model.get_submodule(anatomy.region) if anatomy.region else None
+        self.activation = model.get_submodule(anatomy.activation) if anatomy.activation else None
+        self._producers: dict[str, list[tuple[str, Slice]]] = {}
+        self._consumers: dict[str, list[tuple[str, Slice]]] = {}
+        for group in anatomy.groups:
+            for part in group.producers:
+                self._producers.setdefault(part.path, []).append((group.name, part))
+            for part in group.consumers:
+                self._consumers.setdefault(part.path, []).append((group.name, part))
+        self._plan: _Plan | None = None
+        self._seen: Tensor | None = None  # in place: the last input observed or planned for
+        self._saved: dict[int, tuple[nn.Module, Any]] = {}
+
+    # -- installing ----------------------------------------------------------------------------------
+
+    def install(self) -> None:
+        targets = [*self.modules.items(), *([("", self.region)] if self.region is not None else [])]
+        for path, module in targets:
+            if getattr(module, _OWNER, None) is not None:
+                raise ValueError(f"{self.name}: {path or 'the block'} is already sparse; desparsify(model) first.")
+        for path, module in targets:
+            self._saved[id(module)] = (module, module.__dict__.get("forward"))
+            original = module.forward
+            if module is self.region:
+                module.__dict__["forward"] = partial(self._region_forward, original)
+            else:
+                module.__dict__["forward"] = partial(self._project, path, original)
+            module.__dict__[_OWNER] = self
+
+    def remove(self) -> None:
+        """Put every module's own forward back."""
+        for module, forward in self._saved.values():
+            module.__dict__.pop(_OWNER, None)
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = forward
+        self._saved, self._plan, self._seen = {}, None, None
+
+    # -- choosing channels ---------------------------------------------------------------------------
+
+    def _tokens(self, x: Tensor, path: str) -> Tensor:
+        """``x`` as (batch, seq, features) of the batch's tokens; a clear error for anything else."""
+        mask = self.state.context_mask
+        if x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x
+        if x.ndim == 2 and x.shape[0] == mask.numel():  # OPT flattens the tokens first
+            return x.view(*mask.shape, x.shape[-1])
+        raise ValueError(
+            f"{path or self.name} was called on {tuple(x.shape)}, which does not hold the batch's"
+            f" {tuple(mask.shape)} tokens: contextual sparsity needs each projection of {self.name} called once on"
+            " the layer's tokens (not in chunks, not on another sequence as in cross-attention)."
+        )
+
+    def _choose(self, x3: Tensor) -> tuple[dict[str, Tensor], Tensor] | None:
+        """Observe (calibration) and, when active, choose each group's channels; None = run dense."""
+        state = self.state
+        state.observe(self.name, x3)
+        if not state.active:
+            return None
+        for path, module in self.modules.items():
+            projection_base(module, path)  # merged since, or unfrozen: refuse rather than compute wrong
+        mask = state.checked_mask(x3, self.name)
+        flat = mask.reshape(-1)
+        if not bool(flat.any()):
+            return None
+        idx = {name: state.select(estimator, x3, self.keep[name], mask) for name, estimator in self.estimators.items()}
+        return idx, (torch.ones_like(flat) if state.sparse_output_tokens else flat)
+
+    def _physical(self, idx: dict[str, Tensor]) -> dict[str, Tensor]:
+        physical = {}
+        for path in self.modules:
+            parts = self._producers.get(path) or self._consumers[path]
+            physical[path] = torch.cat([part.physical(idx[group]) for group, part in parts])
+        return physical
+
+    def _check_complete(self) -> None:
+        plan = self._plan
+        if plan is not None and not plan.compact and sorted(plan.ran) != sorted(self.modules):
+            self._plan = None
+            raise RuntimeError(
+                f"{self.name} ran {plan.ran} sparse; contextual sparsity needs a forward that calls each of"
+                f" {', '.join(self.modules)} once on the layer's tokens."
+            )
+
+    # -- the compact path ----------------------------------------------------------------------------
+
+    def _region_forward(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        x = args[0] if args else None
+        if state.context_mask is None or not isinstance(x, Tensor):
+            return original(*args, **kwargs)
+        x3 = self._tokens(x, "")
+        chosen = self._choose(x3)
+        if chosen is None:
+            return original(*args, **kwargs)
+        idx, flat = chosen
+        rows = TokenRows(flat)
+        lead = x.shape[:-1]
+
+        def parts(value: Any) -> tuple[Any, Any]:
+            """A token-shaped argument's (context, dense) rows, kept 3-D (one sample) for the family's code."""
+            if isinstance(value, Tensor) and value.shape[:-1] == lead:
+                context, dense = rows.split(value.reshape(-1, value.shape[-1]))
+                return context.unsqueeze(0), dense.unsqueeze(0)
+            return value, value
+
+        split_args = [parts(a) for a in args]
+        split_kwargs = {key: parts(value) for key, value in kwargs.items()}
+        plan = _Plan(x, rows, idx, self._physical(idx), compact=True)
+        self._plan = plan
+        needs = f"contextual sparsity needs its forward to call each of {', '.join(self.modules)} once"
+        try:
+            sparse = original(*(a[0] for a in split_args), **{k: v[0] for k, v in split_kwargs.items()})
+        except RuntimeError as error:  # e.g. a forward that reads a projection's weight by hand
+            raise RuntimeError(f"{self.name} failed on its sparse (k-wide) path after {plan.ran}: {needs}.") from error
+        finally:
+            self._plan = None
+        if sorted(plan.ran) != sorted(self.modules):
+            raise RuntimeError(f"{self.name} ran {plan.ran} on the context tokens; {needs}.")
+        if rows.other_rows:
+            dense = original(*(a[1] for a in split_args), **{k: v[1] for k, v in split_kwargs.items()})
+        else:
+            dense = sparse.new_empty(1, 0, sparse.shape[-1])
+        out = rows.merge(sparse.squeeze(0), dense.squeeze(0))
+        self._account(rows, idx, out.requires_grad)
+        return out.view(*lead, out.shape[-1])
+
+    # -- the projections -----------------------------------------------------------------------------
+
+    def _project(self, path: str, original: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        plan = self._plan
+        if plan is not None and plan.compact:
+            plan.ran.append(path)
+            module = self.modules[path]
+            if path in self._producers:
+                return self._produce(plan, path, x)
+            return sparse_cols(module, x, plan.physical[path])
+        if self.region is not None or self.state.context_mask is None:
+            return original(x, *args, **kwargs)
+        if path in self._producers:
+            plan = self._in_place_plan(path, x)
+        elif plan is not None and plan.rows.rows != x.reshape(-1, x.shape[-1]).shape[0]:
+            self._tokens(x, path)  # raises: not the layer's tokens
+        if plan is None or path in plan.ran:
+            return original(x, *args, **kwargs)
+        return self._in_place(path, original, plan, x)
+
+    def _in_place_plan(self, path: str, x: Tensor) -> _Plan | None:
+        plan = self._plan
+        if plan is not None and plan.x is x:
+            return plan
+        if self._seen is x and plan is None:  # observed already, chosen dense
+            return None
+        self._check_complete()
+        self._plan, self._seen = None, x
+        chosen = self._choose(self._tokens(x, path))
+        if chosen is None:
+            return None
+        idx, flat = chosen
+        self._plan = _Plan(x, TokenRows(flat), idx, self._physical(idx), compact=False)
+        return self._plan
+
+    def _in_place(self, path: str, original: Any, plan: _Plan, x: Tensor) -> Tensor:
+        module, columns = self.modules[path], plan.physical[path]
+        lead = x.shape[:-1]
+        if path in self._producers:
+            context, dense = plan.split(x)
+            width = self.features[path][1]
+            out = plan.rows.merge(self._produce(plan, path, context), original(dense), columns, width)
+        else:
+            context, dense = plan.rows.split(x.reshape(-1, x.shape[-1]), columns)
+            out = plan.rows.merge(sparse_cols(module, context, columns), original(dense))
+        plan.ran.append(path)
+        plan.requires_grad |= out.requires_grad
+        if len(plan.ran) == len(self.modules):
+            self._account(plan.rows, plan.idx, plan.requires_grad)
+        return out.view(*lead, out.shape[-1])
+
+    def _produce(self, plan: _Plan, path: str, a: Tensor) -> Tensor:
+        """A producer's kept rows for input rows ``a``; the first of several producers reading the same
+        ``a`` computes them all with shared GEMMs (``fused_sparse_rows``) and leaves the others pending."""
+        if plan.pending is not None and plan.pending[0] is a and path in plan.pending[1]:
+            return plan.pending[1].pop(path)
+        module = self.modules[path]
+        siblings = [p for p in self._producers if p != path and p not in plan.ran and _fusable(self.modules[p])]
+        if not siblings or not _fusable(module):
+            return sparse_rows(module, a, plan.physical[path])
+        paths = [path, *siblings]
+        outs = fused_sparse_rows([self.modules[p] for p in paths], a, [plan.physical[p] for p in paths])
+        plan.pending = (a, dict(zip(paths[1:], outs[1:])))
+        return outs[0]
+
+    # -- accounting ----------------------------------------------------------------------------------
+
+    def _account(self, rows: TokenRows, idx: dict[str, Tensor], backward: bool) -> None:
+        """Skipped multiply-adds of the frozen products (2 FLOPs each; the input gradient costs the same)."""
+        skipped = 0
+        for path, (fan_in, out) in self.features.items():
+            parts = self._producers.get(path)
+            if parts:
+                kept = sum(part.index.shape[1] * idx[group].numel() for group, part in parts)
+                skipped += fan_in * (out - kept)
+            else:
+                kept = sum(part.index.shape[1] * idx[group].numel() for group, part in self._consumers[path])
+                skipped += (fan_in - kept) * out
+        self.state.skipped_flops += 2 * skipped * rows.context_rows * (2 if backward else 1)
+        for group in self.anatomy.groups:
+            key = self.name if self.anatomy.kind == "mlp" else f"{self.name}.{group.name}"
+            self.state.layer_sparsity[key] = 1.0 - idx[group.name].numel() / group.channels
+
+    # -- calibration ---------------------------------------------------------------------------------
+
+    @property
+    def estimator(self) -> ChannelEstimator:
+        """An MLP block's one estimator (what ``calibration.mlp_errors`` reads)."""
+        return self.estimators["mlp"]
+
+    @property
+    def intermediate(self) -> int:
+        return self.anatomy.intermediate
+
+    @torch.no_grad()
+    def dropped_output(self, rows: Tensor, idx: Tensor) -> Tensor:
+        """What an MLP's channels outside ``idx`` add to the output for token ``rows`` (N, hidden): the
+        error running them sparse makes (LoRA included, no dropout, so calibration draws no RNG)."""
+        (group,) = self.anatomy.groups
+        outs = [
+            linear_eval(self.modules[part.path], rows).index_select(-1, part.index[:, 0].to(rows.device))
+            for part in group.producers
+        ]
+        hidden = self.activation(outs[0])
+        if len(outs) == 2:
+            hidden = hidden * outs[1]
+        hidden[..., idx] = 0
+        (consumer,) = group.consumers
+        module = self.modules[consumer.path]
+        fan_in = self.features[consumer.path][0]
+        full = hidden.new_zeros(*hidden.shape[:-1], fan_in).index_copy_(-1, consumer.index[:, 0].to(rows.device), hidden)
+        return linear_eval(module, full, bias=False)
+
+    def __repr__(self) -> str:
+        kept = ", ".join(f"{name} {self.keep[name]}/{g.channels}" for name, g in zip(self.keep, self.anatomy.groups))
+        estimator = type(next(iter(self.estimators.values()))).__name__
+        return f"SparseBlock({self.name!r}, {self.anatomy.layout}, keep {kept}, estimator={estimator})"
+
+
+# -- a whole model -----------------------------------------------------------------------------------
+
+
+def sparse_blocks(model: nn.Module) -> list[SparseBlock]:
+    """The ``SparseBlock``s installed on ``model``'s modules, in module order, once each."""
+    blocks: dict[int, SparseBlock] = {}
+    for module in model.modules():
+        block = module.__dict__.get(_OWNER)
+        if block is not None:
+            blocks.setdefault(id(block), block)
+    return list(blocks.values())
+
+
+def kept_counts(anatomy: BlockAnatomy, sparsity: float) -> dict[str, int]:
+    """Channels kept per group: attention Q/K balanced over kv heads with RoPE pairs together."""
+    if anatomy.kind == "mlp":
+        return {"mlp": kept_channels(anatomy.intermediate, sparsity)}
+    num_kv_heads = anatomy.heads[1]
+    kv = anatomy.groups[0].channels
+    return {"qk": kept_channels(kv, sparsity, multiple_of=2 * num_kv_heads), "v": kept_channels(kv, sparsity)}
+
+
+def sparsify(
+    model: nn.Module,
+    blocks: Sequence[BlockAnatomy],
+    sparsity_per_block: Sequence[float],
+    state: SparsityState,
+    strategy: str,
+    **estimator_options: object,
+) -> list[SparseBlock]:
+    """Make each described block of ``model`` sparse at its sparsity (0 leaves it dense and untouched).
+
+    Every check and every estimator comes before the first change, so bad input leaves ``model``
+    unchanged. Returns the installed blocks.
+    """
+    if len(sparsity_per_block) != len(blocks):
+        raise ValueError(f"{len(sparsity_per_block)} sparsities for {len(blocks)} blocks; pass one per block.")
+    installed = {id(m) for b in sparse_blocks(model) for m in (*b.modules.values(), b.region) if m is not None}
+    planned: list[SparseBlock] = []
+    for anatomy, sparsity in zip(blocks, sparsity_per_block):
+        keep = kept_counts(anatomy, sparsity)
+        if sparsity == 0:
+            continue
+        for path in anatomy.projections:
+            module = model.get_submodule(path)
+            if id(module) in installed:
+                raise ValueError(f"{path} is already sparse; desparsify(model) first.")
+            projection_base(module, path)
+        estimators = {
+            name: build_estimator(strategy, block, anatomy.name if anatomy.kind == "mlp" else f"{anatomy.name}.{name}",
+                                  **estimator_options)
+            for name, block in anatomy.estimator_blocks(model).items()
+        }
+        planned.append(SparseBlock(model, anatomy, state, estimators, keep))
+    for block in planned:
+        block.install()
+    return planned
+
+
+def desparsify(model: nn.Module) -> list[str]:
+    """Remove every sparse block from ``model`` (its modules' own forwards back); returns their names."""
+    blocks = sparse_blocks(model)
+    for block in blocks:
+        block.remove()
+    return [block.name for block in blocks]
