@@ -11,7 +11,7 @@ from lightning_sft import ContextualSparsity, EfficiencyMonitor, LoRA
 from lightning_sft.callbacks.contextual_sparsity import context_mask_from_labels
 from lightning_sft.data import RandomTokenData
 from lightning_sft.modules import CausalLM
-from lightning_sft.sparsity import SparseGatedMLP
+from lightning_sft.sparsity import sparse_blocks
 
 
 def test_mask_keeps_positions_whose_prediction_is_scored_dense() -> None:
@@ -68,8 +68,10 @@ def test_keep_all_equals_dense_and_real_sparsity_differs() -> None:
     sparse = _adapters(_fit([LoRA(r=4), ContextualSparsity("oracle", 0.5, 0.5, dense_layers=(), dense_warmup=0,
                                                            token_mask_fn=_all_context)]))
     for name in dense:
-        torch.testing.assert_close(keep_all[name], dense[name], rtol=1e-5, atol=1e-6)
-    assert any(not torch.allclose(sparse[name], dense[name], atol=1e-6) for name in dense)
+        # keep-all runs the gathered products (all indices), which round differently from the dense
+        # ones (~1e-7 on one step); Adam turns that into ~1e-5 steps on near-zero entries.
+        torch.testing.assert_close(keep_all[name], dense[name], rtol=1e-5, atol=1e-4)
+    assert any(not torch.allclose(sparse[name], dense[name], atol=1e-3) for name in dense)
 
 
 def test_callback_order_does_not_matter() -> None:
@@ -91,7 +93,8 @@ def test_warmup_and_validation_are_dense_and_flops_are_reported(tmp_path) -> Non
     evaluation = [active for training, active in probe.calls if not training]
     assert train == [False, False, True, True]
     assert evaluation and not any(evaluation)
-    assert not any(isinstance(m, SparseGatedMLP) for m in module.modules())  # unwrapped after fit
+    assert not sparse_blocks(module)  # desparsified after fit
+    assert not any("forward" in m.__dict__ for m in module.modules())
     assert module.flops_per_batch > 0
 
 

@@ -38,7 +38,8 @@ from lightning_sft.adapters.quantization import (
     quantized_bytes,
     quantized_layers,
 )
-from lightning_sft.sparsity import SparsityState, unwrap_all, unwrap_attention, wrap_attention, wrap_gated_mlps
+from lightning_sft.anatomy import describe
+from lightning_sft.sparsity import SparsityState, desparsify, sparsify
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.usefixtures("one_thread", "eager")
@@ -216,19 +217,18 @@ def test_sparse_mlp_and_attention_over_a_4bit_base_match_the_dequantized_referen
     results = []
     for net in (model, reference):
         state = SparsityState()
-        layers = net.model.layers
-        wrap_gated_mlps(net, state, "svd", [0.5, 0.5], [(f"model.layers.{i}.mlp", l.mlp) for i, l in enumerate(layers)],
-                        rank=4)
-        wrap_attention(net, state, "svd", [0.5, 0.5],
-                       [(f"model.layers.{i}.self_attn", l.self_attn) for i, l in enumerate(layers)], rank=4)
+        anatomy = describe(net)
+        assert [b.name for b in anatomy.mlps] == [f"model.layers.{i}.mlp" for i in range(2)]
+        assert [b.name for b in anatomy.attentions] == [f"model.layers.{i}.self_attn" for i in range(2)]
+        sparsify(net, anatomy.mlps, [0.5, 0.5], state, "svd", rank=4)
+        sparsify(net, anatomy.attentions, [0.5, 0.5], state, "svd", rank=4)
         ids = _ids()
         state.active, state.context_mask = True, torch.arange(12).expand(2, 12) < 8
         out = net(input_ids=ids, labels=ids)
         out.loss.backward()
         assert state.skipped_flops > 0
         results.append((out.logits, {n: p.grad for n, p in net.named_parameters() if p.requires_grad}))
-        unwrap_all(net)
-        unwrap_attention(net)
+        assert len(desparsify(net)) == 4
     (logits, grads), (logits_ref, grads_ref) = results
     torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
     assert grads.keys() == grads_ref.keys() and len(grads) == 28

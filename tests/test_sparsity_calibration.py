@@ -13,17 +13,18 @@ import torch
 from lightning_sft import ContextualSparsity, LoRA
 from lightning_sft.data import RandomTokenData
 from lightning_sft.modules import CausalLM
+from lightning_sft.anatomy import describe
 from lightning_sft.sparsity import (
-    SparseGatedMLP,
+    SparseBlock,
     SparsityState,
     SVDEstimator,
     build_estimator,
-    gated_mlp_block,
     kept_channels,
     recall,
+    sparse_blocks,
+    sparsify,
     svd_factors,
     whitened_factors,
-    wrap_gated_mlps,
 )
 from lightning_sft.sparsity.calibration import (
     SPARSITY_GRID,
@@ -32,7 +33,18 @@ from lightning_sft.sparsity.calibration import (
     mlp_errors,
     relative_errors,
 )
-from test_sparse_mlp import INTERMEDIATE, _mlps, _model
+from test_sparse_blocks import INTERMEDIATE, _model
+
+
+def _gated_block(model: torch.nn.Module, layer: int = 0):
+    """The estimator block (gate and up weights) of one LLaMA MLP, as ``describe`` finds it."""
+    return describe(model).mlps[layer].estimator_blocks(model)["mlp"]
+
+
+def _sparse_mlps(model: torch.nn.Module, state: SparsityState, strategy: str = "oracle") -> list[SparseBlock]:
+    mlps = describe(model).mlps
+    assert [b.name for b in mlps] == [f"model.layers.{i}.mlp" for i in range(2)]
+    return sparsify(model, mlps, [0.5, 0.5], state, strategy)
 
 # -- whitened factors --------------------------------------------------------------------------------
 
@@ -65,8 +77,7 @@ def test_whitened_factors_refuse_bad_shapes() -> None:
 
 
 def test_calibrated_svd_estimator_lifecycle() -> None:
-    mlp = _model(lora=False).model.layers[0].mlp
-    block = gated_mlp_block(mlp)
+    block = _gated_block(_model(lora=False))
     estimator = build_estimator("svd", block, "mlp", rank=4, calibrated=True)
     x = torch.randn(2, 5, 32)
     with pytest.raises(RuntimeError, match="calibrate"):
@@ -92,8 +103,7 @@ def test_calibrated_svd_estimator_lifecycle() -> None:
 
 def test_calibration_raises_recall_on_structured_inputs() -> None:
     """Inputs confined to a few directions: the calibrated estimator finds the oracle's channels."""
-    mlp = _model(lora=False, seed=3).model.layers[0].mlp
-    block = gated_mlp_block(mlp)
+    block = _gated_block(_model(lora=False, seed=3))
     # Rank 4 covers the 4 directions the inputs occupy, but not the weights' top 4 of 32.
     train = _low_dim_inputs(512, occupied=4, seed=0)
     test = _low_dim_inputs(64, occupied=4, seed=0)[:, None, :].repeat(1, 4, 1)
@@ -136,20 +146,27 @@ def test_input_statistics_sum_context_rows_and_round_trip() -> None:
 
 
 def test_dropped_output_is_what_running_sparse_loses() -> None:
+    """The dense MLP minus the MLP run sparse on ``idx`` (the real sparse forward, LoRA included)."""
     model = _model(lora=True)
     state = SparsityState()
-    wrap_gated_mlps(model, state, "oracle", [0.5, 0.5], _mlps(model))
-    wrapper: SparseGatedMLP = model.model.layers[1].mlp
+    block = _sparse_mlps(model, state)[1]
+    assert block.intermediate == INTERMEDIATE and block.keep == {"mlp": INTERMEDIATE // 2}
     rows = torch.randn(7, 32)
     idx = torch.tensor([0, 3, 5, 9, 20, 33, 40, 63])
-    expected = wrapper.original(rows) - wrapper._sparse(rows, idx)
-    torch.testing.assert_close(wrapper.dropped_output(rows, idx), expected, atol=1e-5, rtol=1e-5)
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():
+        dense = mlp(rows[None])  # inactive: the module's own forward
+        block.estimator.select = lambda *args, **kwargs: idx
+        block.keep = {"mlp": idx.numel()}
+        state.active, state.context_mask = True, torch.ones(1, 7, dtype=torch.bool)
+        sparse = mlp(rows[None])
+    assert state.layer_sparsity == {block.name: 1 - idx.numel() / INTERMEDIATE}
+    torch.testing.assert_close(block.dropped_output(rows, idx), (dense - sparse)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_mlp_errors_fall_with_sparsity_and_normalise_by_the_residual() -> None:
     model = _model(lora=False)
-    wrap_gated_mlps(model, SparsityState(), "oracle", [0.5, 0.5], _mlps(model))
-    wrapper = model.model.layers[0].mlp
+    wrapper = _sparse_mlps(model, SparsityState())[0]
     stats = InputStatistics()
     x = torch.randn(2, 6, 32)
     mask = torch.ones(2, 6, dtype=torch.bool)
@@ -229,7 +246,7 @@ class _Spy(pl.Callback):
         self.sparsity, self.steps, self.checkpoint_state = sparsity, [], {}
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        keeps = {n: (m.keep, m.intermediate) for n, m in pl_module.named_modules() if isinstance(m, SparseGatedMLP)}
+        keeps = {b.name: (b.keep["mlp"], b.intermediate) for b in sparse_blocks(pl_module) if b.anatomy.kind == "mlp"}
         self.steps.append((trainer.global_step, self.sparsity.state.observing, self.sparsity.state.active, keeps))
         self.checkpoint_state = self.sparsity.state_dict()
 
@@ -301,7 +318,7 @@ def test_auto_without_warmup_is_refused_before_the_model_changes() -> None:
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="dense warm-up, which is 0 steps"):
         trainer.fit(module, datamodule=RandomTokenData(seq_len=16, batch_size=4, num_train=8, num_val=4))
-    assert not any(isinstance(m, SparseGatedMLP) for m in module.modules())
+    assert not sparse_blocks(module) and not any("forward" in m.__dict__ for m in module.modules())
 
 
 def test_calibration_zero_keeps_weight_only_factors() -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from lightning_sft.bench import federated, layer_dropout, lora, memory, quality, rank, recall, sparse_ft, sparsity
+from lightning_sft.bench import federated, kernels, layer_dropout, lora, memory, quality, rank, recall, sparse_ft, sparsity
 
-BENCHMARKS: tuple[ModuleType, ...] = (lora, sparsity, recall, quality, rank, layer_dropout, sparse_ft, memory, federated)
+BENCHMARKS: tuple[ModuleType, ...] = (lora, sparsity, recall, quality, rank, layer_dropout, sparse_ft, memory, federated, kernels)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Contextual-sparsity (SparseLoRA) training-step benchmark: dense LoRA against sparse variants.
 
-Every variant is a copy of one LoRA-injected LLaMA-shaped model that shares the frozen base
+Every variant is a copy of one LoRA-injected model (LLaMA by default, ``--family`` for the others) that shares the frozen base
 weights (only the adapters and the optimizer are per variant), so the comparison differs only in
 which frozen products run sparse. Variants run one step each in turn (``interleaved``) after a
 common warm-up. FLOPs are counted directly with ``FlopCounterMode`` on one step of each variant,
@@ -36,7 +36,7 @@ from lightning_sft.sparsity import SparsityState, resolve_layer_sparsity, sparse
 from lightning_sft.tasks.exact_match import IGNORE_INDEX
 
 NAME = "sparsity"
-HELP = "training-step time of contextual-sparse (SparseLoRA) LoRA against dense LoRA on a LLaMA-shaped model"
+HELP = "training-step time of contextual-sparse (SparseLoRA) LoRA against dense LoRA (LLaMA or --family)"
 PRESET = "llama3-8b-math10k"
 # The preset's values on its deep layers (MLP 3-30, attention 14-29 but 20 and 24).
 DEEP_MLP, DEEP_ATTN = 0.99, 0.75
@@ -97,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(VARIANT_NAMES),
         help=f"comma-separated subset of {', '.join(VARIANT_NAMES)}; dense always runs (default: all)",
     )
+    parser.add_argument(
+        "--family", choices=FAMILIES, default="llama",
+        help="model family at these sizes (fused projections: phi3, gpt-neox, falcon, gpt2; default llama)",
+    )
     parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument(
@@ -122,15 +126,49 @@ def run(args: argparse.Namespace) -> int:
     return run_and_report(
         args.threads,
         args.json,
-        lambda: benchmark(settings, names, profile_rows=args.profile, svd_cache=args.svd_cache),
+        lambda: benchmark(settings, names, profile_rows=args.profile, svd_cache=args.svd_cache, family=args.family),
         format_report,
     )
 
 
-def build_base(settings: SparsityBenchSettings) -> nn.Module:
-    """Random-init LLaMA with LoRA on all linear layers (base frozen), fp32, training mode."""
-    model = build_llama(settings.vocab, settings.hidden, settings.intermediate, settings.layers, settings.heads,
-                        settings.kv_heads, settings.seq, settings.seed)
+def _config(family: str, s: SparsityBenchSettings) -> Any:
+    """The family's HF config at the benchmark's sizes (dropout off; no GQA where the family has none)."""
+    import transformers as tf
+
+    decoder = dict(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                   num_hidden_layers=s.layers, num_attention_heads=s.heads, max_position_embeddings=s.seq,
+                   use_cache=False)
+    configs: dict[str, Callable[[], Any]] = {
+        "phi3": lambda: tf.Phi3Config(**decoder, num_key_value_heads=s.kv_heads, pad_token_id=0),
+        "qwen3": lambda: tf.Qwen3Config(**decoder, num_key_value_heads=s.kv_heads, head_dim=s.hidden // s.heads),
+        "gpt-neox": lambda: tf.GPTNeoXConfig(**decoder, hidden_dropout=0.0, attention_dropout=0.0),
+        "falcon": lambda: tf.FalconConfig(
+            vocab_size=s.vocab, hidden_size=s.hidden, ffn_hidden_size=s.intermediate, num_hidden_layers=s.layers,
+            num_attention_heads=s.heads, num_kv_heads=s.kv_heads, new_decoder_architecture=True, use_cache=False),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=s.vocab, n_embd=s.hidden, n_inner=s.intermediate, n_layer=s.layers,
+                                      n_head=s.heads, n_positions=s.seq, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0, use_cache=False),
+        "opt": lambda: tf.OPTConfig(vocab_size=s.vocab, hidden_size=s.hidden, ffn_dim=s.intermediate,
+                                    num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                                    max_position_embeddings=s.seq, word_embed_proj_dim=s.hidden, dropout=0.0,
+                                    use_cache=False),
+    }
+    return configs[family]()
+
+
+FAMILIES = ("llama", "phi3", "qwen3", "gpt-neox", "falcon", "gpt2", "opt")
+
+
+def build_base(settings: SparsityBenchSettings, family: str = "llama") -> nn.Module:
+    """Random-init model of ``family`` with LoRA on all linear layers (base frozen), fp32, training mode."""
+    if family == "llama":
+        model = build_llama(settings.vocab, settings.hidden, settings.intermediate, settings.layers, settings.heads,
+                            settings.kv_heads, settings.seq, settings.seed)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(settings.seed)
+        model = AutoModelForCausalLM.from_config(_config(family, settings)).to(torch.float32).train()
     inject_lora(model, LoRAConfig(r=settings.r, alpha=2 * settings.r, target_modules="all-linear"))
     return model
 
@@ -255,7 +293,11 @@ def top_ops(step: Callable[[], float], rows: int) -> list[dict[str, Any]]:
 
 
 def benchmark(
-    settings: SparsityBenchSettings, names: list[str], profile_rows: int = 0, svd_cache: str | None = None
+    settings: SparsityBenchSettings,
+    names: list[str],
+    profile_rows: int = 0,
+    svd_cache: str | None = None,
+    family: str = "llama",
 ) -> dict[str, Any]:
     """Build, count FLOPs of, warm up and time every variant; returns JSON-serialisable results.
     ``svd_cache``: a directory that keeps the estimator factors across runs (a rerun skips their
@@ -263,7 +305,7 @@ def benchmark(
     import transformers
 
     started = time.perf_counter()
-    base = build_base(settings)
+    base = build_base(settings, family)
     specs = _variants(settings.layers)
     cache_dir: contextlib.AbstractContextManager[str]
     if svd_cache is None:
@@ -318,6 +360,7 @@ def benchmark(
         }
     return {
         "settings": dataclasses.asdict(settings),
+        "family": family,
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "context_tokens": int(context.sum()),
@@ -350,7 +393,7 @@ def format_report(result: dict[str, Any]) -> str:
     s = result["settings"]
     threads = f"{result['threads']} thread" + ("s" if result["threads"] != 1 else "")
     lines = [
-        f"Contextual-sparsity train step (fwd+bwd+AdamW), LLaMA-shaped: hidden {s['hidden']}, intermediate"
+        f"Contextual-sparsity train step (fwd+bwd+AdamW), {result.get('family', 'llama')}: hidden {s['hidden']}, intermediate"
         f" {s['intermediate']}, {s['layers']} layers, {s['heads']}/{s['kv_heads']} heads, vocab {s['vocab']};"
         f" batch {s['batch']} x seq {s['seq']}, last {s['output']} scored; LoRA r {s['r']} all-linear; SVD rank"
         f" {s['rank']}; fp32, {threads}",

@@ -244,6 +244,20 @@ def cols_matmul(
     return sparse_matmul("cols", h, weight, idx, bias, transposed=transposed, backend=backend, check_idx=check_idx)
 
 
+def _gather_rows(weights: tuple[Tensor, ...], indices: tuple[Tensor, ...], widths: list[int], like: Tensor) -> Tensor:
+    """The selected rows of every weight, stacked into one ``(sum k, in)`` slice in ``like``'s dtype,
+    gathered straight into it (no per-weight temporary, no concatenation copy)."""
+    out = like.new_empty(sum(widths), weights[0].shape[1])
+    offset = 0
+    for w, idx, k in zip(weights, indices, widths):
+        if w.dtype == like.dtype:
+            torch.index_select(w, 0, idx, out=out[offset : offset + k])
+        else:
+            out[offset : offset + k] = w.index_select(0, idx)
+        offset += k
+    return out
+
+
 class _FusedRows(torch.autograd.Function):
     """``rows`` products of several frozen weights that read one activation, as one GEMM over the
     concatenated row slices (torch backend). Backward is one GEMM too, reusing the forward's slice
@@ -254,14 +268,7 @@ class _FusedRows(torch.autograd.Function):
         parts = len(widths)
         weights, indices, biases = operands[:parts], operands[parts : 2 * parts], operands[2 * parts :]
         total = sum(widths)
-        w_cat = a.new_empty(total, a.shape[1])
-        offset = 0
-        for w, idx, k in zip(weights, indices, widths):
-            if w.dtype == a.dtype:
-                torch.index_select(w, 0, idx, out=w_cat[offset : offset + k])
-            else:
-                w_cat[offset : offset + k] = w.index_select(0, idx)
-            offset += k
+        w_cat = _gather_rows(weights, indices, widths, a)
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([
@@ -281,7 +288,7 @@ class _FusedRows(torch.autograd.Function):
         weights, indices = saved[1 : 1 + parts], saved[1 + parts :]
         grad_a = None
         if ctx.needs_input_grad[0]:
-            w_cat = saved[0] if ctx.kept else torch.cat([w.index_select(0, i).to(g.dtype) for w, i in zip(weights, indices)])
+            w_cat = saved[0] if ctx.kept else _gather_rows(weights, indices, ctx.widths, g)
             grad_a = g @ w_cat
         grad_biases: list[Tensor | None] = []
         for n, (info, chunk, idx) in enumerate(zip(ctx.bias_info, g.split(ctx.widths, dim=1), indices)):

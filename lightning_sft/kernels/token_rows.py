@@ -103,7 +103,13 @@ class TokenRows:
         return _SplitRows.apply(self, x, columns)
 
     def merge(self, context: Tensor, other: Tensor, columns: Tensor | None = None, width: int = 0) -> Tensor:
-        """``merge_raw`` with autograd: its backward is one ``split_raw``."""
+        """``merge_raw`` with autograd: its backward is one ``split_raw``. When every row is in one
+        group and no column scatter is needed, that group is returned as it is (no Function output
+        aliasing its input, which autograd forbids modifying in place)."""
+        if columns is None and not self.other_rows and other.shape[0] == 0:
+            return context
+        if not self.context_rows and context.shape[0] == 0:
+            return other.to(context.dtype)
         return _MergeRows.apply(self, context, other, columns, width)
 
 

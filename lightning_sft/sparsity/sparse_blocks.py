@@ -22,6 +22,7 @@ gradients. Pure torch (no Lightning).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -173,6 +174,11 @@ class SparseBlock:
         self.estimators = estimators
         self.keep = keep
         self.modules = {path: model.get_submodule(path) for path in anatomy.projections}
+        # Where each projection sits, so one replaced since (LoRA injected later) is taken over.
+        self._slots = {path: (model.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2])
+                       for path in anatomy.projections}
+        self._root = model.get_submodule(anatomy.name)
+        self._watch: Any = None
         self.features = {
             path: linear_features(projection_base(module, path, frozen=False)) for path, module in self.modules.items()
         }
@@ -186,34 +192,57 @@ class SparseBlock:
             for part in group.consumers:
                 self._consumers.setdefault(part.path, []).append((group.name, part))
         self._plan: _Plan | None = None
-        self._seen: Tensor | None = None  # in place: the last input observed or planned for
+        self._seen: weakref.ref[Tensor] | None = None  # in place: the last input observed and run dense
         self._saved: dict[int, tuple[nn.Module, Any]] = {}
 
     # -- installing ----------------------------------------------------------------------------------
 
     def install(self) -> None:
+        """Take over every projection (and the compact region), and watch the block's module, whose
+        forward starts before any projection runs, for projections replaced since."""
         targets = [*self.modules.items(), *([("", self.region)] if self.region is not None else [])]
         for path, module in targets:
             if getattr(module, _OWNER, None) is not None:
                 raise ValueError(f"{self.name}: {path or 'the block'} is already sparse; desparsify(model) first.")
         for path, module in targets:
-            self._saved[id(module)] = (module, module.__dict__.get("forward"))
-            original = module.forward
-            if module is self.region:
-                module.__dict__["forward"] = partial(self._region_forward, original)
-            else:
-                module.__dict__["forward"] = partial(self._project, path, original)
-            module.__dict__[_OWNER] = self
+            self._take_over(path, module)
+        self._watch = self._root.register_forward_pre_hook(lambda module, args: self._follow_replacements())
+
+    def _take_over(self, path: str, module: nn.Module) -> None:
+        self._saved[id(module)] = (module, module.__dict__.get("forward"))
+        original = module.forward
+        if module is self.region:
+            module.__dict__["forward"] = partial(self._region_forward, original)
+        else:
+            module.__dict__["forward"] = partial(self._project, path, original)
+        module.__dict__[_OWNER] = self
+
+    def _hand_back(self, module: nn.Module) -> None:
+        module, forward = self._saved.pop(id(module))
+        module.__dict__.pop(_OWNER, None)
+        if forward is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.__dict__["forward"] = forward
+
+    def _follow_replacements(self) -> None:
+        """Take over a projection replaced since ``install`` (e.g. wrapped by LoRA injected later)."""
+        if self.state.context_mask is None:
+            return
+        for path, (parent, child) in self._slots.items():
+            current = getattr(parent, child)
+            if current is not self.modules[path]:
+                self._hand_back(self.modules[path])
+                self.modules[path] = current
+                self._take_over(path, current)
 
     def remove(self) -> None:
         """Put every module's own forward back."""
-        for module, forward in self._saved.values():
-            module.__dict__.pop(_OWNER, None)
-            if forward is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = forward
-        self._saved, self._plan, self._seen = {}, None, None
+        for module, _ in list(self._saved.values()):
+            self._hand_back(module)
+        if self._watch is not None:
+            self._watch.remove()
+        self._plan, self._seen, self._watch = None, None, None
 
     # -- choosing channels ---------------------------------------------------------------------------
 
@@ -225,9 +254,9 @@ class SparseBlock:
         if x.ndim == 2 and x.shape[0] == mask.numel():  # OPT flattens the tokens first
             return x.view(*mask.shape, x.shape[-1])
         raise ValueError(
-            f"{path or self.name} was called on {tuple(x.shape)}, which does not hold the batch's"
-            f" {tuple(mask.shape)} tokens: contextual sparsity needs each projection of {self.name} called once on"
-            " the layer's tokens (not in chunks, not on another sequence as in cross-attention)."
+            f"{path or self.name} was called on {tuple(x.shape)}, which does not hold the {tuple(mask.shape)} tokens"
+            " of state.context_mask: set the mask of this batch, and call each projection of the block once on the"
+            " layer's tokens (not in chunks, not on another sequence as in cross-attention)."
         )
 
     def _choose(self, x3: Tensor) -> tuple[dict[str, Tensor], Tensor] | None:
@@ -252,13 +281,16 @@ class SparseBlock:
             physical[path] = torch.cat([part.physical(idx[group]) for group, part in parts])
         return physical
 
+    def _needs(self) -> str:
+        return f"contextual sparsity needs its forward to call each of {', '.join(self.modules)} once on the layer's tokens"
+
     def _check_complete(self) -> None:
-        plan = self._plan
-        if plan is not None and not plan.compact and sorted(plan.ran) != sorted(self.modules):
-            self._plan = None
+        """Refuse a forward that left the last plan unfinished (a projection skipped or bypassed)."""
+        plan, self._plan = self._plan, None
+        if plan is not None and sorted(plan.ran) != sorted(self.modules):
             raise RuntimeError(
-                f"{self.name} ran {plan.ran} sparse; contextual sparsity needs a forward that calls each of"
-                f" {', '.join(self.modules)} once on the layer's tokens."
+                f"{self.name} ran only {plan.ran} sparse in its last forward (or that forward raised before the"
+                f" others); {self._needs()}."
             )
 
     # -- the compact path ----------------------------------------------------------------------------
@@ -266,7 +298,7 @@ class SparseBlock:
     def _region_forward(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         state = self.state
         x = args[0] if args else None
-        if state.context_mask is None or not isinstance(x, Tensor):
+        if state.context_mask is None or not (state.active or state.observing) or not isinstance(x, Tensor):
             return original(*args, **kwargs)
         x3 = self._tokens(x, "")
         chosen = self._choose(x3)
@@ -287,7 +319,7 @@ class SparseBlock:
         split_kwargs = {key: parts(value) for key, value in kwargs.items()}
         plan = _Plan(x, rows, idx, self._physical(idx), compact=True)
         self._plan = plan
-        needs = f"contextual sparsity needs its forward to call each of {', '.join(self.modules)} once"
+        needs = self._needs()
         try:
             sparse = original(*(a[0] for a in split_args), **{k: v[0] for k, v in split_kwargs.items()})
         except RuntimeError as error:  # e.g. a forward that reads a projection's weight by hand
@@ -314,26 +346,32 @@ class SparseBlock:
             if path in self._producers:
                 return self._produce(plan, path, x)
             return sparse_cols(module, x, plan.physical[path])
-        if self.region is not None or self.state.context_mask is None:
+        state = self.state
+        if self.region is not None or state.context_mask is None or not (state.active or state.observing):
             return original(x, *args, **kwargs)
         if path in self._producers:
             plan = self._in_place_plan(path, x)
         elif plan is not None and plan.rows.rows != x.reshape(-1, x.shape[-1]).shape[0]:
             self._tokens(x, path)  # raises: not the layer's tokens
-        if plan is None or path in plan.ran:
+        if plan is None:
             return original(x, *args, **kwargs)
+        if path in plan.ran:
+            raise RuntimeError(f"{self.name}: {path} was called twice in one forward; {self._needs()}.")
         return self._in_place(path, original, plan, x)
 
     def _in_place_plan(self, path: str, x: Tensor) -> _Plan | None:
+        """The plan of the forward this producer call belongs to: the current one while its producers
+        share this input, else a new choice (a second call of a producer, as in a recompute, starts one)."""
         plan = self._plan
-        if plan is not None and plan.x is x:
+        if plan is not None and plan.x is x and path not in plan.ran:
             return plan
-        if self._seen is x and plan is None:  # observed already, chosen dense
+        if plan is None and self._seen is not None and self._seen() is x:  # observed already, chosen dense
             return None
         self._check_complete()
-        self._plan, self._seen = None, x
+        self._plan, self._seen = None, None
         chosen = self._choose(self._tokens(x, path))
         if chosen is None:
+            self._seen = weakref.ref(x)
             return None
         idx, flat = chosen
         self._plan = _Plan(x, TokenRows(flat), idx, self._physical(idx), compact=False)
@@ -351,8 +389,9 @@ class SparseBlock:
             out = plan.rows.merge(sparse_cols(module, context, columns), original(dense))
         plan.ran.append(path)
         plan.requires_grad |= out.requires_grad
-        if len(plan.ran) == len(self.modules):
+        if len(plan.ran) == len(self.modules):  # the block's forward is done: account, and hold nothing
             self._account(plan.rows, plan.idx, plan.requires_grad)
+            self._plan = None
         return out.view(*lead, out.shape[-1])
 
     def _produce(self, plan: _Plan, path: str, a: Tensor) -> Tensor:
@@ -460,7 +499,7 @@ def sparsify(
     """
     if len(sparsity_per_block) != len(blocks):
         raise ValueError(f"{len(sparsity_per_block)} sparsities for {len(blocks)} blocks; pass one per block.")
-    installed = {id(m) for b in sparse_blocks(model) for m in (*b.modules.values(), b.region) if m is not None}
+    taken = {id(m) for b in sparse_blocks(model) for m in (*b.modules.values(), b.region) if m is not None}
     planned: list[SparseBlock] = []
     for anatomy, sparsity in zip(blocks, sparsity_per_block):
         keep = kept_counts(anatomy, sparsity)
@@ -468,8 +507,9 @@ def sparsify(
             continue
         for path in anatomy.projections:
             module = model.get_submodule(path)
-            if id(module) in installed:
-                raise ValueError(f"{path} is already sparse; desparsify(model) first.")
+            if id(module) in taken:
+                raise ValueError(f"{path} is already sparse (or passed twice); desparsify(model) first.")
+            taken.add(id(module))
             projection_base(module, path)
         estimators = {
             name: build_estimator(strategy, block, anatomy.name if anatomy.kind == "mlp" else f"{anatomy.name}.{name}",
