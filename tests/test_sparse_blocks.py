@@ -688,3 +688,26 @@ def test_fit_with_contextual_sparsity(family: str) -> None:
         torch.testing.assert_close(keep_all[name], dense[name], rtol=1e-5, atol=1e-4)
     assert all(torch.isfinite(p).all() for p in sparse.values())
     assert any(not torch.allclose(sparse[name], dense[name], atol=1e-3) for name in dense)
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "GPT-NeoX (fused QKV)"])
+def test_input_gradient_savings_are_counted_only_where_the_dense_model_computes_them(family: str) -> None:
+    """The first attention's q/k/v outputs need a gradient (trainable biases) but their input does not
+    (frozen embeddings), so the dense model computes no input gradient there: only their forward savings
+    count, and the measured FLOPs fall by exactly what is reported."""
+    model = _model(family, lora=False)
+    anatomy = describe(model)
+    for part in anatomy.attentions[0].groups[0].producers + anatomy.attentions[0].groups[1].producers:
+        model.get_submodule(part.path).bias.requires_grad_(True)
+    embeds = torch.randn(2, 6, HIDDEN)  # no grad
+
+    def measured() -> int:
+        with FlopCounterMode(display=False) as counter:
+            _output(model, embeds).sum().backward()
+        return counter.get_total_flops()
+
+    dense = measured()
+    state = SparsityState(active=True, context_mask=_mask())
+    sparsify(model, anatomy.mlps + anatomy.attentions, [0.5] * 4, state, "norm")
+    sparse = measured()
+    assert state.skipped_flops > 0 and dense - sparse == state.skipped_flops

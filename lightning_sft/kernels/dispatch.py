@@ -244,10 +244,14 @@ def cols_matmul(
     return sparse_matmul("cols", h, weight, idx, bias, transposed=transposed, backend=backend, check_idx=check_idx)
 
 
-def _gather_rows(weights: tuple[Tensor, ...], indices: tuple[Tensor, ...], widths: list[int], like: Tensor) -> Tensor:
+def _gather_rows(
+    weights: tuple[Tensor, ...], indices: tuple[Tensor, ...], widths: list[int], like: Tensor, keep: bool
+) -> Tensor:
     """The selected rows of every weight, stacked into one ``(sum k, in)`` slice in ``like``'s dtype,
-    gathered straight into it (no per-weight temporary, no concatenation copy)."""
-    out = like.new_empty(sum(widths), weights[0].shape[1])
+    gathered straight into it (no per-weight temporary, no concatenation copy); a slice used by one
+    product only goes to ``reference.scratch``."""
+    rows, cols = sum(widths), weights[0].shape[1]
+    out = like.new_empty(rows, cols) if keep else reference.scratch(rows, cols, like)
     offset = 0
     for w, idx, k in zip(weights, indices, widths):
         if w.dtype == like.dtype:
@@ -268,7 +272,8 @@ class _FusedRows(torch.autograd.Function):
         parts = len(widths)
         weights, indices, biases = operands[:parts], operands[parts : 2 * parts], operands[2 * parts :]
         total = sum(widths)
-        w_cat = _gather_rows(weights, indices, widths, a)
+        keep = ctx.needs_input_grad[0] and keep_slice(a.shape[0], a.shape[1], total)
+        w_cat = _gather_rows(weights, indices, widths, a, keep)
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([
@@ -276,7 +281,6 @@ class _FusedRows(torch.autograd.Function):
                 for b, idx, k in zip(biases, indices, widths)
             ])
         ctx.widths, ctx.bias_info = widths, [(b.dtype, b.numel()) if b is not None else None for b in biases]
-        keep = ctx.needs_input_grad[0] and keep_slice(a.shape[0], a.shape[1], total)
         ctx.save_for_backward(*(w_cat if keep else torch.empty(0),), *weights, *indices)
         ctx.kept = keep
         return torch.nn.functional.linear(a, w_cat, bias)
@@ -288,7 +292,7 @@ class _FusedRows(torch.autograd.Function):
         weights, indices = saved[1 : 1 + parts], saved[1 + parts :]
         grad_a = None
         if ctx.needs_input_grad[0]:
-            w_cat = saved[0] if ctx.kept else _gather_rows(weights, indices, ctx.widths, g)
+            w_cat = saved[0] if ctx.kept else _gather_rows(weights, indices, ctx.widths, g, keep=False)
             grad_a = g @ w_cat
         grad_biases: list[Tensor | None] = []
         for n, (info, chunk, idx) in enumerate(zip(ctx.bias_info, g.split(ctx.widths, dim=1), indices)):

@@ -141,7 +141,7 @@ class _Plan:
     physical: dict[str, Tensor]  # per projection: its kept rows (producer) or columns (consumer)
     compact: bool
     ran: list[str] = field(default_factory=list)
-    requires_grad: bool = False
+    input_grad: dict[str, bool] = field(default_factory=dict)  # per projection: does its input need a gradient
     pending: tuple[Tensor, dict[str, Tensor]] | None = None  # sibling producers' outputs on one input
     _split: tuple[Tensor, Tensor, Tensor] | None = None  # a producer input and its (context, dense) rows
 
@@ -322,6 +322,8 @@ class SparseBlock:
         needs = self._needs()
         try:
             sparse = original(*(a[0] for a in split_args), **{k: v[0] for k, v in split_kwargs.items()})
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as error:  # e.g. a forward that reads a projection's weight by hand
             raise RuntimeError(f"{self.name} failed on its sparse (k-wide) path after {plan.ran}: {needs}.") from error
         finally:
@@ -333,7 +335,7 @@ class SparseBlock:
         else:
             dense = sparse.new_empty(1, 0, sparse.shape[-1])
         out = rows.merge(sparse.squeeze(0), dense.squeeze(0))
-        self._account(rows, idx, out.requires_grad)
+        self._account(rows, idx, plan.input_grad)
         return out.view(*lead, out.shape[-1])
 
     # -- the projections -----------------------------------------------------------------------------
@@ -342,6 +344,7 @@ class SparseBlock:
         plan = self._plan
         if plan is not None and plan.compact:
             plan.ran.append(path)
+            plan.input_grad[path] = x.requires_grad
             module = self.modules[path]
             if path in self._producers:
                 return self._produce(plan, path, x)
@@ -388,9 +391,9 @@ class SparseBlock:
             context, dense = plan.rows.split(x.reshape(-1, x.shape[-1]), columns)
             out = plan.rows.merge(sparse_cols(module, context, columns), original(dense))
         plan.ran.append(path)
-        plan.requires_grad |= out.requires_grad
+        plan.input_grad[path] = x.requires_grad
         if len(plan.ran) == len(self.modules):  # the block's forward is done: account, and hold nothing
-            self._account(plan.rows, plan.idx, plan.requires_grad)
+            self._account(plan.rows, plan.idx, plan.input_grad)
             self._plan = None
         return out.view(*lead, out.shape[-1])
 
@@ -410,18 +413,20 @@ class SparseBlock:
 
     # -- accounting ----------------------------------------------------------------------------------
 
-    def _account(self, rows: TokenRows, idx: dict[str, Tensor], backward: bool) -> None:
-        """Skipped multiply-adds of the frozen products (2 FLOPs each; the input gradient costs the same)."""
+    def _account(self, rows: TokenRows, idx: dict[str, Tensor], input_grad: dict[str, bool]) -> None:
+        """Skipped multiply-adds of the frozen products, 2 FLOPs each; a projection's input-gradient
+        product (as costly as its forward) only where its input needs a gradient, as in the dense model."""
         skipped = 0
         for path, (fan_in, out) in self.features.items():
             parts = self._producers.get(path)
             if parts:
                 kept = sum(part.index.shape[1] * idx[group].numel() for group, part in parts)
-                skipped += fan_in * (out - kept)
+                macs = fan_in * (out - kept)
             else:
                 kept = sum(part.index.shape[1] * idx[group].numel() for group, part in self._consumers[path])
-                skipped += (fan_in - kept) * out
-        self.state.skipped_flops += 2 * skipped * rows.context_rows * (2 if backward else 1)
+                macs = (fan_in - kept) * out
+            skipped += macs * (2 if input_grad.get(path, False) else 1)
+        self.state.skipped_flops += 2 * skipped * rows.context_rows
         for group in self.anatomy.groups:
             key = self.name if self.anatomy.kind == "mlp" else f"{self.name}.{group.name}"
             self.state.layer_sparsity[key] = 1.0 - idx[group.name].numel() / group.channels
