@@ -141,7 +141,7 @@ class BlockAnatomy:
 
         def rows(part: Slice) -> tuple[Tensor, Tensor | None]:
             base = projection_base(model.get_submodule(part.path), part.path, frozen=False)
-            index = part.index[:, 0] if part.index.shape[1] == 1 else part.index.reshape(-1)
+            index = part.index[:, 0]  # one row per channel (q comes re-indexed by query channel)
             weight, bias = _gather_rows(logical_weight(base), index), base.bias
             return weight, (None if bias is None else _gather_rows(bias, index))
 
@@ -422,9 +422,9 @@ def _config_near(module: nn.Module, fallback: Any) -> Any:
 
 
 def _is_moe(module: nn.Module) -> bool:
-    """A mixture-of-experts block: experts held in one module (3-D weights or a list of MLPs)."""
-    experts = getattr(module, "experts", None)
-    return isinstance(experts, nn.Module) and module.__class__.__name__.lower().endswith(("moeblock", "moe"))
+    """A mixture-of-experts block: one whose ``experts`` child holds the experts (transformers: 3-D
+    batched weights applied inside a routing loop, no projection modules to slice)."""
+    return isinstance(getattr(module, "experts", None), nn.Module)
 
 
 def describe(model: nn.Module) -> ModelAnatomy:
@@ -462,7 +462,7 @@ def describe(model: nn.Module) -> ModelAnatomy:
                 raise ValueError(f"{name}: projections {sorted(overlap)} already belong to another block.")
             claimed |= set(block.projections)
             found.append(block)
-            if layout in MLP_LAYOUTS and getattr(layout, "exact", False) or kind == "attention":
+            if not isinstance(layout, MLPLayout) or layout.exact:  # a whole block: nothing inside is another
                 skip.append(name)
     if not (mlps or attentions):
         mlp = "; ".join(f"{', '.join(l.paths())} ({l.families})" for l in MLP_LAYOUTS)
