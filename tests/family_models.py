@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import lightning.pytorch as pl
 import torch
 import transformers as tf
 from torch import nn
@@ -69,3 +70,39 @@ MOE = {"Mixtral (MoE)", "Qwen2-MoE", "Qwen3-MoE"}
 def build(family: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return FAMILIES[family]().eval()
+
+
+class FamilyModule(pl.LightningModule):
+    """A user's LightningModule around one family's model; the loss (mean square of the logits or
+    hidden states) is computed outside the model, so labels only tell context from output tokens."""
+
+    def __init__(self, family: str) -> None:
+        super().__init__()
+        self.family = family
+        self.net = build(family).train()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.net(input_ids=batch["input_ids"])
+        logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        return logits.float().square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def token_batches(n: int = 8, length: int = 12) -> list[dict[str, torch.Tensor]]:
+    """Samples whose first half is a prompt (labels -100: context, sparse) and second half an answer."""
+    ids = torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, : length // 2] = -100
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+class SparsityRecorder(pl.Callback):
+    """The per-layer sparsity each training step achieved (read before the optimizer step)."""
+
+    def __init__(self, sparsity: object) -> None:
+        self.sparsity, self.seen = sparsity, []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        self.seen.append(dict(self.sparsity.state.layer_sparsity))

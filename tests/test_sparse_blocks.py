@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from family_models import FAMILIES, VOCAB, build
+from family_models import FAMILIES, FamilyModule, SparsityRecorder, build, token_batches
 from lightning_sft import ContextualSparsity, LoRA, LoRAConfig, inject_lora, lora_layers, merge_adapter, unmerge_adapter
 from lightning_sft.adapters.linear_layers import linear_features
 from lightning_sft.anatomy import BlockAnatomy, describe
@@ -625,46 +625,14 @@ def test_found_by_structure_in_depth_order(family: str, mlps: str, attentions: s
     assert all(b.region is None for b in anatomy.attentions)
 
 
-class _Module(pl.LightningModule):
-    """A causal LM (GPT-NeoX) or an encoder (BERT, a toy regression loss) trained with LoRA."""
-
-    def __init__(self, family: str) -> None:
-        super().__init__()
-        self.family = family
-        self.net = build(family).train()
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.family == "BERT":
-            return self.net(input_ids=batch["input_ids"]).last_hidden_state.square().mean()
-        return self.net(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
-
-
-def _batches(n: int = 16, length: int = 12) -> list[dict[str, torch.Tensor]]:
-    ids = torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:, : length // 2] = -100  # a prompt half (context, sparse) and an answer half (dense)
-    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
-
-
-class _Recorder(pl.Callback):
-    def __init__(self, sparsity: ContextualSparsity) -> None:
-        self.sparsity, self.layer_sparsity = sparsity, []
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        self.layer_sparsity.append(dict(self.sparsity.state.layer_sparsity))
-
-
-def _fit(family: str, sparsity: ContextualSparsity | None) -> tuple[dict[str, torch.Tensor], _Recorder | None]:
+def _fit(family: str, sparsity: ContextualSparsity | None) -> tuple[dict[str, torch.Tensor], SparsityRecorder | None]:
     pl.seed_everything(0)
-    module = _Module(family)
-    recorder = _Recorder(sparsity) if sparsity else None
+    module = FamilyModule(family)
+    recorder = SparsityRecorder(sparsity) if sparsity else None
     callbacks = [LoRA(r=4), *([sparsity, recorder] if sparsity else [])]
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", callbacks=callbacks, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, torch.utils.data.DataLoader(_batches(), batch_size=4))
+    trainer.fit(module, torch.utils.data.DataLoader(token_batches(16), batch_size=4))
     assert _untouched(module)  # desparsified after fit
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}, recorder
 
@@ -682,7 +650,7 @@ def test_fit_with_contextual_sparsity(family: str) -> None:
     keep_all, _ = _fit(family, ContextualSparsity("none", 0.5, **options))
     sparse, recorder = _fit(family, ContextualSparsity("oracle", 0.5, **options))
     names = [f"net.{b.name}" for b in describe(build(family)).mlps]
-    assert recorder.layer_sparsity == [{name: 0.5 for name in names}] * 3
+    assert recorder.seen == [{name: 0.5 for name in names}] * 3
     for name in dense:
         # Adam turns ~1e-7 gradient rounding on near-zero entries into ~1e-5 steps; real errors are far larger.
         torch.testing.assert_close(keep_all[name], dense[name], rtol=1e-5, atol=1e-4)

@@ -7,7 +7,6 @@ the callback. The families table of docs/contextual_sparsity.md is generated fro
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from family_models import FAMILIES, HIDDEN, MOE, VOCAB, build
+from family_models import FAMILIES, HIDDEN, MOE, FamilyModule, SparsityRecorder, build, token_batches
 from lightning_sft import ContextualSparsity, LoRA, LoRAConfig, inject_lora, lora_layers
 from lightning_sft.anatomy import BlockAnatomy, describe
 from lightning_sft.sparsity import SparsityState, desparsify, sparse_blocks, sparsify
@@ -151,46 +150,16 @@ def test_oracle_half_matches_dense_with_dropped_channels_zeroed(family: str) -> 
     RESULTS.setdefault(family, {})["exact"] = "yes"
 
 
-class _Module(pl.LightningModule):
-    def __init__(self, family: str) -> None:
-        super().__init__()
-        self.family = family
-        self.net = build(family).train()
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.net(input_ids=batch["input_ids"])
-        logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
-        return logits.float().square().mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
-
-
-def _batches(n: int = 8, length: int = 12) -> list[dict[str, torch.Tensor]]:
-    ids = torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:, : length // 2] = -100
-    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
-
-
-class _Record(pl.Callback):
-    def __init__(self, sparsity: ContextualSparsity) -> None:
-        self.sparsity, self.seen = sparsity, []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.seen.append(dict(self.sparsity.state.layer_sparsity))
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_svd_trains_through_the_callback(family: str) -> None:
     mlp = 0.0 if family in MOE else 0.5
     sparsity = ContextualSparsity("svd", mlp_sparsity=mlp, attn_sparsity=0.5, dense_layers=(), dense_warmup=1,
                                   calibration_steps=1, estimator_rank=2)
-    record = _Record(sparsity)
-    module = _Module(family)
+    record = SparsityRecorder(sparsity)
+    module = FamilyModule(family)
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", callbacks=[LoRA(r=4), sparsity, record], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, torch.utils.data.DataLoader(_batches(), batch_size=4))
+    trainer.fit(module, torch.utils.data.DataLoader(token_batches(), batch_size=4))
     sparse_steps = record.seen[1:]
     assert sparse_steps and all(steps for steps in sparse_steps)
     mlps = [name for name in sparse_steps[0] if not name.endswith((".qk", ".v"))]
@@ -249,31 +218,31 @@ def _fit_refused(module: pl.LightningModule, sparsity: ContextualSparsity, error
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", callbacks=[sparsity, LoRA(r=4)], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(error, match=match):
-        trainer.fit(module, torch.utils.data.DataLoader(_batches(), batch_size=4))
+        trainer.fit(module, torch.utils.data.DataLoader(token_batches(), batch_size=4))
     _assert_unchanged(module, before)
 
 
 def test_fused_projection_that_does_not_split_as_the_config_says_is_refused() -> None:
-    module = _Module("Phi-3 (fused)")
+    module = FamilyModule("Phi-3 (fused)")
     module.net.config.num_key_value_heads = 1  # the weights hold 2 kv heads' rows
     _fit_refused(module, ContextualSparsity("svd", attn_sparsity=0.5), ValueError,
                  r"qkv_proj.*do not split as the config says .*4 heads, 1 kv heads")
 
 
 def test_heads_that_cannot_be_paired_under_gqa_are_refused() -> None:
-    module = _Module("LLaMA")
+    module = FamilyModule("LLaMA")
     module.net.config.num_key_value_heads = 3
     _fit_refused(module, ContextualSparsity("svd", attn_sparsity=0.5), ValueError,
                  "4 query heads cannot be paired with 3 kv heads")
 
 
 def test_a_layer_mapping_naming_a_missing_layer_is_refused() -> None:
-    _fit_refused(_Module("GPT-NeoX (fused QKV)"), ContextualSparsity("svd", mlp_sparsity={5: 0.5}), ValueError,
+    _fit_refused(FamilyModule("GPT-NeoX (fused QKV)"), ContextualSparsity("svd", mlp_sparsity={5: 0.5}), ValueError,
                  "Layer key 5 is outside layers 0-1")
 
 
 def test_mixture_of_experts_mlps_are_refused_with_the_way_out() -> None:
-    _fit_refused(_Module("Mixtral (MoE)"), ContextualSparsity("svd", mlp_sparsity=0.5), ValueError,
+    _fit_refused(FamilyModule("Mixtral (MoE)"), ContextualSparsity("svd", mlp_sparsity=0.5), ValueError,
                  r"model.layers.0.mlp is a mixture-of-experts block.*mlp_sparsity=0")
 
 

@@ -41,7 +41,7 @@ from lightning_sft.adapters.quantization import (
     quantized_rows_matmul,
 )
 from lightning_sft.anatomy import BlockAnatomy, Slice, projection_base
-from lightning_sft.kernels import cols_matmul, rows_matmul
+from lightning_sft.kernels import sparse_matmul
 from lightning_sft.kernels.dispatch import fused_rows_matmul
 from lightning_sft.kernels.token_rows import TokenRows
 from lightning_sft.sparsity.estimators import ChannelEstimator, build_estimator
@@ -68,17 +68,32 @@ def linear_eval(layer: nn.Module, x: Tensor, bias: bool = True) -> Tensor:
     return out
 
 
-def sparse_rows(layer: nn.Module, x: Tensor, idx: Tensor) -> Tensor:
-    """Output rows ``idx`` of a projection; a LoRA branch stays dense: ``(x A^T s) B[idx]^T``."""
+def _sparse_product(kind: str, layer: nn.Module, a: Tensor, idx: Tensor) -> Tensor:
+    """``rows``: output rows ``idx`` of a projection of ``a``; ``cols``: the projection of ``a`` holding
+    only input columns ``idx`` (the others zero). A 4-bit base decodes only those rows or columns; a
+    LoRA branch keeps its dense value on them: ``(a A^T s) B[idx]^T``, or ``(a A[:, idx]^T s) B^T``."""
     base = layer.base_layer if isinstance(layer, LoRALinear) else layer
-    if is_quantized(base):  # decodes only rows idx of the 4-bit weight
-        out = quantized_rows_matmul(x, base, idx)
+    if is_quantized(base):
+        out = (quantized_rows_matmul if kind == "rows" else quantized_cols_matmul)(a, base, idx)
     else:
-        out = rows_matmul(x, base.weight, idx, base.bias, transposed=weight_is_transposed(base), check_idx=False)
+        out = sparse_matmul(kind, a, base.weight, idx, base.bias, transposed=weight_is_transposed(base), check_idx=False)
     if not isinstance(layer, LoRALinear):
         return out
-    h = F.linear(layer.dropout(x).to(layer.lora_A.dtype), layer.lora_A)
-    return _add_lora_rows(out, layer, h, idx)
+    x = layer.dropout(a).to(layer.lora_A.dtype)
+    if kind == "rows":
+        return _add_lora_rows(out, layer, F.linear(x, layer.lora_A), idx)
+    h = F.linear(x, layer.lora_A.index_select(1, idx)) * layer.scaling
+    return out + F.linear(h, layer.lora_B).to(out.dtype)
+
+
+def sparse_rows(layer: nn.Module, x: Tensor, idx: Tensor) -> Tensor:
+    """Output rows ``idx`` of a projection (producers: gate/up, fc1, q/k/v)."""
+    return _sparse_product("rows", layer, x, idx)
+
+
+def sparse_cols(layer: nn.Module, h: Tensor, idx: Tensor) -> Tensor:
+    """The projection of ``h`` holding only input columns ``idx`` (consumers: down, fc2, o)."""
+    return _sparse_product("cols", layer, h, idx)
 
 
 def _add_lora_rows(out: Tensor, layer: LoRALinear, h: Tensor, idx: Tensor) -> Tensor:
@@ -112,20 +127,6 @@ def fused_sparse_rows(layers: list[nn.Module], x: Tensor, indices: list[Tensor])
     for i, h in zip(adapted, hs):
         outs[i] = _add_lora_rows(outs[i], layers[i], h, indices[i])
     return outs
-
-
-def sparse_cols(layer: nn.Module, h: Tensor, idx: Tensor) -> Tensor:
-    """A projection of ``h`` that holds only input columns ``idx`` (the others are zero): the LoRA
-    branch is ``(h A[:, idx]^T s) B^T``, its dense value on the zero-filled input."""
-    base = layer.base_layer if isinstance(layer, LoRALinear) else layer
-    if is_quantized(base):  # decodes only columns idx of the 4-bit weight
-        out = quantized_cols_matmul(h, base, idx)
-    else:
-        out = cols_matmul(h, base.weight, idx, base.bias, transposed=weight_is_transposed(base), check_idx=False)
-    if not isinstance(layer, LoRALinear):
-        return out
-    a = F.linear(layer.dropout(h).to(layer.lora_A.dtype), layer.lora_A.index_select(1, idx)) * layer.scaling
-    return out + F.linear(a, layer.lora_B).to(out.dtype)
 
 
 # -- one block ---------------------------------------------------------------------------------------
