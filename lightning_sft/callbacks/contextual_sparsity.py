@@ -190,7 +190,7 @@ class ContextualSparsity(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every callback's setup (so LoRA has frozen the base, whatever the callback order);
-        # wrapping adds no parameters, so the optimizer built since then is unaffected.
+        # making blocks sparse adds no parameters, so the optimizer built since then is unaffected.
         anatomy, mlp, attn = self._plan(pl_module)
         self._warmup_steps = dense_warmup_steps(int(trainer.estimated_stepping_batches), self.dense_warmup)
         if self.mlp_sparsity == AUTO and self._warmup_steps == 0:
@@ -293,15 +293,15 @@ class ContextualSparsity(Callback):
         for source, estimator in self._estimator_map.values():
             estimator.calibrate(statistics[source].gram, statistics[source].tokens)
         if self.mlp_sparsity == AUTO:
-            wrappers = self._mlp_blocks()
+            blocks = self._mlp_blocks()
             errors = torch.stack([
                 relative_errors(
-                    reduce_sum(mlp_errors(wrapper, statistics[name]).to(statistics[name].gram.device)).cpu(),
+                    reduce_sum(mlp_errors(block, statistics[name]).to(statistics[name].gram.device)).cpu(),
                     statistics[name].residual_sq, statistics[name].residual_tokens,
                 )
-                for name, wrapper in wrappers.items()
+                for name, block in blocks.items()
             ])
-            choice = dict(zip(wrappers, allocate_sparsity(errors, self.flops_budget)))
+            choice = dict(zip(blocks, allocate_sparsity(errors, self.flops_budget)))
             self._set_mlp_sparsity(choice)
             rank_zero_info(self._auto_report(errors, choice))
         self.state.statistics, self.state.observing, self._calibrating = {}, False, False

@@ -105,7 +105,7 @@ class InputStatistics:
 
 
 class SensitiveMLP(Protocol):
-    """What ``mlp_errors`` needs of a sparse MLP wrapper."""
+    """What ``mlp_errors`` needs of a sparse MLP block (``sparse_blocks.SparseBlock``)."""
 
     estimator: ChannelEstimator
     intermediate: int

@@ -15,13 +15,13 @@ from lightning_sft.sparsity.estimators import ChannelEstimator
 
 @dataclass
 class SparsityState:
-    """What every wrapped layer of one model reads each forward, and what it reports back.
+    """What every sparse block of one model reads each forward, and what it reports back.
 
     A callback sets ``active`` and ``context_mask`` (bool ``(B, S)``; True = context token to run
     sparse, False = output token or padding, kept dense) before each forward, and reads then
     ``reset``s the accumulators after each step. ``sparse_output_tokens`` runs every token sparse
     (the channels are still chosen from the context tokens only). While ``observing`` (dense
-    calibration steps), each wrapped layer adds its context-token inputs to ``statistics[name]``.
+    calibration steps), each sparse block adds its context-token inputs to ``statistics[name]``.
     """
 
     active: bool = False
