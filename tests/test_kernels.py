@@ -19,6 +19,7 @@ from torch import Tensor
 import lightning_sft.kernels.reference as reference
 import lightning_sft.kernels.token_rows as token_rows
 from lightning_sft.kernels import available_backends, cols_matmul, resolve_backend, rows_matmul, sparse_matmul
+from lightning_sft.kernels.dispatch import fused_rows_matmul
 from lightning_sft.kernels.token_rows import TokenRows
 
 TOKENS, IN, OUT, K = 37, 50, 70, 23  # ragged on purpose: no dimension is a multiple of 16
@@ -380,6 +381,37 @@ def test_bad_arguments_raise_value_error(monkeypatch, kwargs, message) -> None:
         sparse_matmul(**args)
 
 
+@pytest.mark.parametrize("tokens", [3, 64], ids=["slice-regathered", "slice-kept"])
+def test_fused_rows_match_one_rows_matmul_per_weight(tokens: int) -> None:
+    """One gather-GEMM over several weights that read one input equals a rows_matmul per weight:
+    outputs, the input gradient and a trainable bias's gradient (dropped rows get none), whether the
+    forward's slice is kept for backward (many tokens) or gathered again (few)."""
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(12, IN, generator=g), torch.randn(7, IN, generator=g), torch.randn(IN, 9, generator=g)]
+    transposed = [False, False, True]
+    indices = [torch.tensor([9, 1, 4]), torch.tensor([0, 6]), torch.tensor([8, 2, 5, 3])]
+    bias = torch.randn(12, generator=g, requires_grad=True)
+    biases = [bias, None, torch.randn(9, generator=g)]
+    x = torch.randn(tokens, IN, generator=g, requires_grad=True)
+    upstream = [torch.randn(tokens, idx.numel(), generator=g) for idx in indices]
+
+    def grads(outs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        x.grad = bias.grad = None
+        sum((o * u).sum() for o, u in zip(outs, upstream)).backward()
+        return x.grad.clone(), bias.grad.clone()
+
+    fused = fused_rows_matmul(x, weights, indices, biases, transposed)
+    fused_grads = grads(fused)
+    single = [rows_matmul(x, w, i, b, transposed=t, check_idx=False)
+              for w, i, b, t in zip(weights, indices, biases, transposed)]
+    single_grads = grads(single)
+    for a, b in zip(fused, single):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_grads, single_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(fused_grads[1]) == 3  # only the kept rows of the first bias
+
+
 # --- Triton kernels under the interpreter -----------------------------------------------------
 
 
@@ -421,6 +453,19 @@ def _interpreter_checks() -> None:
     x = torch.randn(IN, TOKENS).t().requires_grad_()
     rows_matmul(x, w, idx, bias, backend="triton").sum().backward()
     torch.testing.assert_close(x.grad, torch.ones(TOKENS, K) @ w[idx], **_tol(torch.float32))
+    # Fused layouts pass rows in slice order, not sorted (check_idx=False): the kernels only gather.
+    for kind, product in (("rows", rows_matmul), ("cols", cols_matmul)):
+        _, w, idx, a, bias = _case(kind, K, torch.float32, False, seed=3)
+        shuffled = idx.flip(0)
+        a = a if kind == "rows" else a.flip(-1)  # cols: the activation holds the channels in idx's order
+        got = product(a, w, shuffled, bias, backend="triton", check_idx=False)
+        want = product(a, w, shuffled, bias, backend="torch", check_idx=False)
+        torch.testing.assert_close(got, want, **_tol(torch.float32), msg=f"unsorted {kind}")
+    # fused_rows_matmul runs per weight on this backend, the result the torch backend's one GEMM gives.
+    _, w, idx, x, bias = _case("rows", K, torch.float32, False, seed=4)
+    parts = ([w, w.flip(0)], [idx.flip(0), idx], [bias, None], [False, False])
+    for got, want in zip(fused_rows_matmul(x, *parts, backend="triton"), fused_rows_matmul(x, *parts, backend="torch")):
+        torch.testing.assert_close(got, want, **_tol(torch.float32), msg="fused rows")
     with_bf16 = _case("rows", K, torch.bfloat16, False)
     try:
         rows_matmul(with_bf16[3], with_bf16[1], with_bf16[2], backend="triton")
