@@ -28,7 +28,7 @@ from lightning_sft.sparsity import (
     sparse_blocks,
     sparsify,
 )
-from test_sparse_families import _assert_close, _run, _zero_dropped
+from test_sparse_families import _assert_close, _run, _zero_dropped, record_choices
 
 HIDDEN, INTERMEDIATE = 32, 64
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
@@ -74,19 +74,6 @@ def _untouched(model: nn.Module) -> bool:
 def _blocks(model: nn.Module) -> list[BlockAnatomy]:
     anatomy = describe(model)
     return anatomy.mlps + anatomy.attentions
-
-
-def _record(installed: list[SparseBlock]) -> dict[str, dict[str, torch.Tensor]]:
-    """The channels every estimator of ``installed`` picks, per block and group, as they are picked."""
-    chosen: dict[str, dict[str, torch.Tensor]] = {}
-    for block in installed:
-        for name, estimator in block.estimators.items():
-            def record(*args, _select=estimator.select, _block=block.name, _name=name, **kwargs):
-                idx = _select(*args, **kwargs)
-                chosen.setdefault(_block, {})[_name] = idx
-                return idx
-            estimator.select = record
-    return chosen
 
 
 def _predicted(block: SparseBlock, context: int, output: int) -> SparseFlops:
@@ -161,7 +148,7 @@ def test_every_token_sparse_matches_dense_with_every_tokens_dropped_channels_zer
                 masks_seen.append(context_mask)
                 return _select(x, k, context_mask=context_mask)
             estimator.select = spy
-    chosen = _record(installed)
+    chosen = record_choices(installed)
     sparse = _run(model, embeds)
     assert masks_seen and all(torch.equal(seen.cpu(), mask) for seen in masks_seen)
     assert set(chosen) == {b.name for b in installed}
@@ -209,7 +196,7 @@ def test_gqa_indices_and_zero_pattern() -> None:
     state = SparsityState(active=True, context_mask=mask)
     anatomy = describe(model)
     installed = sparsify(model, anatomy.attentions, [0.5, 0.5], state, "oracle")
-    chosen = _record(installed)
+    chosen = record_choices(installed)
     attention = model.model.layers[1].self_attn
     seen: dict[str, torch.Tensor] = {}
     handles = [getattr(attention, proj).register_forward_hook(lambda m, a, out, proj=proj: seen.__setitem__(proj, out))

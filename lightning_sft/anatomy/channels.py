@@ -135,6 +135,11 @@ class BlockAnatomy:
     def intermediate(self) -> int:
         return self.groups[0].channels
 
+    def key(self, group: str) -> str:
+        """The name a group reports under (metrics, estimator state, cache): an MLP's block name, an
+        attention's ``<block>.qk`` / ``<block>.v``."""
+        return self.name if self.kind == "mlp" else f"{self.name}.{group}"
+
     def estimator_blocks(self, model: nn.Module) -> dict[str, Any]:
         """The estimator ``Block`` of each group, from the frozen base weights (LoRA excluded)."""
         from lightning_sft.sparsity.blocks import GatedMLPBlock, MLPBlock, QKBlock, VBlock

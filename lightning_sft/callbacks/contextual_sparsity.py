@@ -22,7 +22,7 @@ from lightning_sft.sparsity import (
     SparsityState,
     available_strategies,
     desparsify,
-    kept_channels,
+    kept_counts,
     resolve_layer_sparsity,
     sparsify,
 )
@@ -231,8 +231,7 @@ class ContextualSparsity(Callback):
         estimators: dict[str, tuple[str, ChannelEstimator]] = {}
         for block in self.blocks:
             for group, estimator in block.estimators.items():
-                key = block.name if block.anatomy.kind == "mlp" else f"{block.name}.{group}"
-                estimators[key] = (block.name, estimator)
+                estimators[block.anatomy.key(group)] = (block.name, estimator)
         return estimators
 
     def _set_mlp_sparsity(self, sparsity: dict[str, float]) -> None:
@@ -245,7 +244,7 @@ class ContextualSparsity(Callback):
                 blocks[name].remove()
                 self.blocks.remove(blocks[name])
             else:
-                blocks[name].keep["mlp"] = kept_channels(blocks[name].intermediate, value)
+                blocks[name].keep = kept_counts(blocks[name].anatomy, value)
         self.auto_sparsity = dict(sparsity)
         self._estimator_map = self._estimators()
 

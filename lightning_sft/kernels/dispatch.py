@@ -92,6 +92,12 @@ def _keep_slice(kind: Kind, a: Tensor, w: Tensor, idx: Tensor) -> bool:
     return keep_slice(a.shape[0], in_width, out_width)
 
 
+def _rows_bias_grad(kept: Tensor, idx: Tensor, length: int) -> Tensor:
+    """The full bias gradient of a ``rows`` product: ``kept`` at ``idx``, zero for the dropped output
+    channels, as in the dense model."""
+    return kept.new_zeros(length).index_copy_(0, idx, kept)
+
+
 class _SparseMatmul(torch.autograd.Function):
     """Forward and the input-gradient product on one backend. The weight is frozen, so it gets
     no gradient; backward reads it again (the torch backend reuses its forward copy of ``W[idx]``
@@ -120,8 +126,8 @@ class _SparseMatmul(torch.autograd.Function):
             grad_a = input_grad(g, w, idx, kept)
         if ctx.needs_input_grad[4]:
             grad_bias = g.sum(0).to(ctx.bias_dtype)
-            if ctx.kind == "rows":  # dropped output channels get no gradient, as in the dense model
-                grad_bias = grad_bias.new_zeros(ctx.bias_len).index_copy_(0, idx, grad_bias)
+            if ctx.kind == "rows":
+                grad_bias = _rows_bias_grad(grad_bias, idx, ctx.bias_len)
         return None, grad_a, None, None, grad_bias, None
 
 
@@ -281,8 +287,7 @@ class _FusedRows(torch.autograd.Function):
                 for b, idx, k in zip(biases, indices, widths)
             ])
         ctx.widths, ctx.bias_info = widths, [(b.dtype, b.numel()) if b is not None else None for b in biases]
-        ctx.save_for_backward(*(w_cat if keep else torch.empty(0),), *weights, *indices)
-        ctx.kept = keep
+        ctx.save_for_backward(w_cat if keep else None, *weights, *indices)
         return torch.nn.functional.linear(a, w_cat, bias)
 
     @staticmethod
@@ -292,7 +297,7 @@ class _FusedRows(torch.autograd.Function):
         weights, indices = saved[1 : 1 + parts], saved[1 + parts :]
         grad_a = None
         if ctx.needs_input_grad[0]:
-            w_cat = saved[0] if ctx.kept else _gather_rows(weights, indices, ctx.widths, g, keep=False)
+            w_cat = saved[0] if saved[0] is not None else _gather_rows(weights, indices, ctx.widths, g, keep=False)
             grad_a = g @ w_cat
         grad_biases: list[Tensor | None] = []
         for n, (info, chunk, idx) in enumerate(zip(ctx.bias_info, g.split(ctx.widths, dim=1), indices)):
@@ -300,7 +305,7 @@ class _FusedRows(torch.autograd.Function):
                 grad_biases.append(None)
                 continue
             dtype, length = info
-            grad_biases.append(chunk.sum(0).to(dtype).new_zeros(length).index_copy_(0, idx, chunk.sum(0).to(dtype)))
+            grad_biases.append(_rows_bias_grad(chunk.sum(0).to(dtype), idx, length))
         return (grad_a, None, *([None] * (2 * parts)), *grad_biases)
 
 

@@ -429,8 +429,7 @@ class SparseBlock:
             skipped += macs * (2 if input_grad.get(path, False) else 1)
         self.state.skipped_flops += 2 * skipped * rows.context_rows
         for group in self.anatomy.groups:
-            key = self.name if self.anatomy.kind == "mlp" else f"{self.name}.{group.name}"
-            self.state.layer_sparsity[key] = 1.0 - idx[group.name].numel() / group.channels
+            self.state.layer_sparsity[self.anatomy.key(group.name)] = 1.0 - idx[group.name].numel() / group.channels
 
     # -- calibration ---------------------------------------------------------------------------------
 
@@ -518,8 +517,7 @@ def sparsify(
             taken.add(id(module))
             projection_base(module, path)
         estimators = {
-            name: build_estimator(strategy, block, anatomy.name if anatomy.kind == "mlp" else f"{anatomy.name}.{name}",
-                                  **estimator_options)
+            name: build_estimator(strategy, block, anatomy.key(name), **estimator_options)
             for name, block in anatomy.estimator_blocks(model).items()
         }
         planned.append(SparseBlock(model, anatomy, state, estimators, keep))
