@@ -327,13 +327,9 @@ class SFTCLI(LightningCLI):
         directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         adapter = diff = None
         if any(isinstance(cb, LoRA) for cb in self.trainer.callbacks) and lora_layers(self.model):
-            adapter = directory / "adapter"
-            if self.trainer.is_global_zero:
-                save_adapter(self.model, adapter)
+            adapter = save_adapter(self.model, directory / "adapter")  # every rank: a sharded model is gathered
         if any(isinstance(cb, SparseFineTuning) for cb in self.trainer.callbacks) and sparse_delta_layers(self.model):
-            diff = directory / "diff.safetensors"
-            if self.trainer.is_global_zero:
-                save_diff(self.model, diff)
+            diff = save_diff(self.model, directory / "diff.safetensors")
         after = self._test_metrics()
         monitor = next((cb for cb in self.trainer.callbacks if isinstance(cb, EfficiencyMonitor)), None)
         summary = run_summary(

@@ -10,6 +10,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lightning_sft.sharding import full_tensor, is_sharded
+
 _SAMPLES_PER_TENSOR = 4096
 _WRAPPED = ".base_layer"
 # A layer that keeps its weight in another form (4-bit, ``quantize_base``) holds, in a buffer of this
@@ -90,10 +92,18 @@ def base_parameters(root: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+def gathered_sample(tensor: torch.Tensor) -> torch.Tensor | TensorSample:
+    """``tensor`` itself, or for a sharded one the sample of its whole (gathered one tensor at a time, so
+    fingerprinting a sharded model never holds more than one full weight; a collective)."""
+    if not is_sharded(tensor):
+        return tensor
+    return TensorSample(tuple(tensor.shape), tensor.dtype, tensor_sample(full_tensor(tensor)).clone())
+
+
 def fingerprint_base(root: nn.Module) -> str:
     """Fingerprint of ``root``'s base parameters (see ``base_parameters``); a 4-bit layer counts with the
     sample of the weight it was quantized from, so adapters name the unquantized base."""
-    tensors: dict[str, torch.Tensor | TensorSample] = dict(base_parameters(root))
+    tensors = {name: gathered_sample(param) for name, param in base_parameters(root).items()}
     for name, module in root.named_modules():
         sample = module._buffers.get(SOURCE_SAMPLE)
         if sample is not None:

@@ -12,7 +12,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader
 
 from ddp_helpers import run_ddp_and_compare_adapters
@@ -288,10 +287,6 @@ class _ManualModule(CausalLM):
         self.automatic_optimization = False
 
 
-class _OtherStrategy(SingleDeviceStrategy):
-    pass
-
-
 @pytest.mark.parametrize(
     ("case", "match"),
     [
@@ -301,7 +296,6 @@ class _OtherStrategy(SingleDeviceStrategy):
         ("too_long_second_round", r"needs 9 training batches \(9 steps in round 2\), but the training data has 6"),
         ("too_many_val_batches", r"needs 3 validation batches \(val_batches=3\), but the validation data has 2"),
         ("no_val_data", "needs a val_dataloader"),
-        ("strategy", "supports one device and DDP, not _OtherStrategy"),
         ("manual", "automatic_optimization = False"),
         ("fp16_scaler", "fp16 gradient scaling"),
     ],
@@ -313,8 +307,6 @@ def test_bad_setups_are_refused_before_training(case: str, match: str, tmp_path:
                                 val_batches=3 if case == "too_many_val_batches" else 1)
     callbacks = [search] if case == "no_lora" else [LoRA(r=4), search]
     kwargs: dict = {}
-    if case == "strategy":
-        kwargs["strategy"] = _OtherStrategy(device=torch.device("cpu"))
     if case == "fp16_scaler":
         kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
     trainer = _trainer(tmp_path, 2, callbacks, **kwargs)

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -279,12 +280,15 @@ def test_checkpointing_with_sparse_finetuning(tmp_path: Path) -> None:
     _assert_same(plain, checkpointed, atol=1e-6)
 
 
-_FSDP_TRAINER = types.SimpleNamespace(strategy=type("FSDPStrategy", (), {})(), callbacks=[])  # only the name matters
+def _trainer_with(strategy: object, callback: object) -> types.SimpleNamespace:
+    """What the callbacks' set-up reads of a Trainer (a CPU Trainer cannot hold FSDPStrategy)."""
+    return types.SimpleNamespace(strategy=strategy, callbacks=[callback])
 
 
-def test_callbacks_refuse_sharded_strategies_and_bad_arguments() -> None:
-    with pytest.raises(RuntimeError, match="FSDPStrategy.*activation_checkpointing_policy"):
-        GradientCheckpointing().setup(_FSDP_TRAINER, CausalLM(model="tiny-llama"), "fit")
+def test_checkpointing_runs_under_fsdp_and_refuses_bad_arguments() -> None:
+    callback, module = GradientCheckpointing(), CausalLM(model="tiny-llama")
+    callback.setup(_trainer_with(FSDPStrategy(), callback), module, "fit")  # installed before FSDP wraps the blocks
+    assert len(callback.checkpointed) == 2
     with pytest.raises(ValueError, match="dotted module paths"):
         GradientCheckpointing(blocks="model.layers")
     with pytest.raises(ValueError, match="Unknown attention implementation 'flash'.*sdpa"):
@@ -293,9 +297,10 @@ def test_callbacks_refuse_sharded_strategies_and_bad_arguments() -> None:
 
 @needs_bitsandbytes
 def test_eight_bit_callback_refusals() -> None:
-    with pytest.raises(RuntimeError, match="FSDPStrategy.*bitsandbytes optimizer in configure_optimizers"):
-        EightBitOptimizer().setup(_FSDP_TRAINER, CausalLM(model="tiny-llama"), "fit")
-    regrowing = types.SimpleNamespace(strategy=None, callbacks=[SparseFineTuning(reselect_every=8)])
+    optimizer = EightBitOptimizer()
+    with pytest.raises(RuntimeError, match=r"does not run under FSDP \(FSDPStrategy\): bitsandbytes' 8-bit optimizers"):
+        optimizer.setup(_trainer_with(FSDPStrategy(), optimizer), CausalLM(model="tiny-llama"), "fit")
+    regrowing = types.SimpleNamespace(strategy=DDPStrategy(), callbacks=[SparseFineTuning(reselect_every=8)])
     with pytest.raises(ValueError, match="reselect_every=None"):
         EightBitOptimizer().setup(regrowing, CausalLM(model="tiny-llama"), "fit")
     with pytest.raises(ValueError, match="min_8bit_size"):

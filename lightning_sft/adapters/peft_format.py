@@ -18,6 +18,7 @@ from lightning_sft.adapters.injection import base_fingerprint, inject_structure,
 from lightning_sft.adapters.linear_layers import is_supported_linear, linear_features, weight_is_transposed
 from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.atomic_io import atomic_path
+from lightning_sft.sharding import first_rank_writes, fsdp1_full_parameters, full_tensor, has_sharded_parameters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,17 +62,19 @@ def save_adapter(module: nn.Module, save_directory: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (peft layout) into ``save_directory``.
 
     The safetensors metadata carries a fingerprint of the base weights, checked by ``load_adapter``.
-    Each file is written atomically.
+    Each file is written atomically. A sharded module is gathered (FSDP2, ZeRO-3: tensor by tensor; FSDP1:
+    its units whole) and written by rank 0: call this on every rank then, as Lightning's ``save_checkpoint``.
     """
     root, _ = peft_root(module)
     layers = lora_layers(root)
     if not layers:
         raise ValueError(f"{type(module).__name__} has no LoRA adapters to save. Add the `LoRA` callback first.")
-    fingerprint = base_fingerprint(root)  # raises if merged
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        tensors[f"{_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().to("cpu").contiguous()
-        tensors[f"{_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().to("cpu").contiguous()
+    with fsdp1_full_parameters(module):
+        fingerprint = base_fingerprint(root)  # raises if merged
+        for name, layer in layers.items():
+            for part, weight in (("A", layer.lora_A), ("B", layer.lora_B)):
+                tensors[f"{_KEY_PREFIX}{name}.lora_{part}.weight"] = full_tensor(weight).detach().to("cpu").contiguous()
     r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
     alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
     rslora = {layer.use_rslora for layer in layers.values()}
@@ -94,10 +97,12 @@ def save_adapter(module: nn.Module, save_directory: str | os.PathLike) -> Path:
         "inference_mode": True,
     }
     directory = Path(save_directory)
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", _FINGERPRINT_KEY: fingerprint})
-    with atomic_path(directory / CONFIG_NAME) as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    with first_rank_writes(has_sharded_parameters(root)) as writes:
+        if writes:
+            with atomic_path(directory / WEIGHTS_NAME) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "pt", _FINGERPRINT_KEY: fingerprint})
+            with atomic_path(directory / CONFIG_NAME) as tmp:
+                tmp.write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 

@@ -9,9 +9,23 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from lightning_sft.bench import federated, kernels, layer_dropout, lora, memory, quality, rank, recall, sparse_ft, sparsity
+from lightning_sft.bench import (
+    distributed,
+    federated,
+    kernels,
+    layer_dropout,
+    lora,
+    memory,
+    quality,
+    rank,
+    recall,
+    sparse_ft,
+    sparsity,
+)
 
-BENCHMARKS: tuple[ModuleType, ...] = (lora, sparsity, recall, quality, rank, layer_dropout, sparse_ft, memory, federated, kernels)
+BENCHMARKS: tuple[ModuleType, ...] = (
+    lora, sparsity, recall, quality, rank, layer_dropout, sparse_ft, memory, distributed, federated, kernels,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_sft.recipes.attention import check_implementation, set_attention_implementation
+from lightning_sft.strategies import ALL_KINDS, check_strategies
 
 
 class AttentionImplementation(Callback):
@@ -24,12 +25,16 @@ class AttentionImplementation(Callback):
         implementation: ``eager``, ``sdpa``, ``flex_attention``, ``flash_attention_2`` or ``flash_attention_3``.
     """
 
+    strategies = ALL_KINDS
+    strategy_refusal = ""
+
     def __init__(self, implementation: str = "sdpa") -> None:
         super().__init__()
         self.implementation = check_implementation(implementation)
         self._previous: str | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategies(trainer)
         if self._previous is not None:
             return
         self._previous = set_attention_implementation(pl_module, self.implementation)

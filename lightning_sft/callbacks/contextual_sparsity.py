@@ -34,6 +34,7 @@ from lightning_sft.sparsity.calibration import (
     relative_errors,
 )
 from lightning_sft.sparsity.schedule import dense_warmup_steps
+from lightning_sft.strategies import WHOLE_WEIGHTS, WHOLE_WEIGHTS_REFUSAL, check_strategies
 from lightning_sft.tasks.exact_match import IGNORE_INDEX
 
 FLOPS_SOURCE = "contextual_sparsity"
@@ -88,7 +89,14 @@ class ContextualSparsity(Callback):
             in the reference.
         flops_budget: with ``mlp_sparsity="auto"``, the fraction of the sparse-eligible MLPs'
             context-token FLOPs to keep (0.5 costs what a uniform 0.5 costs); default 0.5.
+
+    Runs on one device and under DDP, FSDP2 and DeepSpeed: the sliced products run inside the blocks'
+    forwards, where the weights are whole, and the estimators are built from weights gathered per block
+    (refused under FSDP1, which cannot gather them there).
     """
+
+    strategies = WHOLE_WEIGHTS
+    strategy_refusal = WHOLE_WEIGHTS_REFUSAL.format(what="build the channel estimators")
 
     def __init__(
         self,
@@ -160,6 +168,7 @@ class ContextualSparsity(Callback):
         self._estimator_map: dict[str, tuple[str, ChannelEstimator]] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategies(trainer)
         if sum(isinstance(cb, ContextualSparsity) for cb in trainer.callbacks) > 1:
             raise ValueError("ContextualSparsity was added more than once; keep exactly one in `callbacks`.")
         if stage == "fit":

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_sft.flops import StepFlopCounter, count_tokens, flops_ledger
 from lightning_sft.metrics import EfficiencyTracker
+from lightning_sft.strategies import ALL_KINDS
 
 
 @dataclass
@@ -66,6 +67,9 @@ class EfficiencyMonitor(Callback):
             steps). Lightning writes on its own ``Trainer(log_every_n_steps=...)`` cadence and
             repeats the last value on steps this callback skipped, so keep that a multiple of n.
     """
+
+    strategies = ALL_KINDS
+    strategy_refusal = ""
 
     def __init__(
         self,

@@ -12,13 +12,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_sft.callbacks.sparse_finetuning import SparseFineTuning
-from lightning_sft.callbacks.strategies import sharded_strategy
 from lightning_sft.recipes.optimizers import (
     DEFAULT_MIN_8BIT_SIZE,
     eight_bit_optimizer,
     is_bitsandbytes_optimizer,
     rebind_scheduler,
 )
+from lightning_sft.strategies import UNSHARDED, check_strategies
 from lightning_sft.validation import check_int
 
 
@@ -36,6 +36,13 @@ class EightBitOptimizer(Callback):
         min_8bit_size: tensors with fewer elements keep fp32 states (bitsandbytes' default, 4096).
     """
 
+    strategies = UNSHARDED
+    strategy_refusal = (
+        "bitsandbytes' 8-bit optimizers run their kernels on plain tensors, and a sharded strategy's parameters are"
+        " DTensors (FSDP2), flat shards (FSDP) or DeepSpeed's own optimizer's. Keep the fp32 optimizer there (its"
+        " states are sharded too), or use strategy='ddp'."
+    )
+
     def __init__(self, min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE) -> None:
         super().__init__()
         self.min_8bit_size = check_int(min_8bit_size, "min_8bit_size", 0, "bitsandbytes' default is 4096.")
@@ -45,12 +52,7 @@ class EightBitOptimizer(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = sharded_strategy(trainer)
-        if strategy is not None:
-            raise RuntimeError(
-                f"EightBitOptimizer does not support {strategy}, which shards and wraps the optimizer itself: build"
-                " a bitsandbytes optimizer in configure_optimizers there, or use strategy='ddp'."
-            )
+        check_strategies(trainer)
         # Regrowth zeroes the regrown entries' fp32 states in place; in 8-bit states code 0 is not zero.
         if any(isinstance(cb, SparseFineTuning) and cb.reselect_every is not None for cb in trainer.callbacks):
             raise ValueError(

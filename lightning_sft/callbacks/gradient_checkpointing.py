@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_sft.callbacks.layer_dropout import LayerDropout
-from lightning_sft.callbacks.strategies import sharded_strategy
 from lightning_sft.recipes.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
+from lightning_sft.strategies import ALL_KINDS, check_strategies
 
 
 
@@ -29,7 +29,14 @@ class GradientCheckpointing(Callback):
 
     Args:
         blocks: dotted paths of the ``nn.ModuleList`` stacks of blocks; default: found by structure.
+
+    Runs under every strategy: the checkpointed forwards are installed in ``setup``, before FSDP2
+    (``configure_model``), FSDP or DeepSpeed wrap the blocks, so a sharded block is gathered again for
+    its recompute in backward.
     """
+
+    strategies = ALL_KINDS
+    strategy_refusal = ""
 
     def __init__(self, blocks: Sequence[str] | None = None) -> None:
         super().__init__()
@@ -43,13 +50,7 @@ class GradientCheckpointing(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.checkpointed:
             return
-        strategy = sharded_strategy(trainer)
-        if strategy is not None:
-            raise RuntimeError(
-                f"GradientCheckpointing does not support {strategy}: with FSDP pass"
-                " FSDPStrategy(activation_checkpointing_policy={BlockClass}); with DeepSpeed call the Hugging Face"
-                " model's activation_checkpointing_enable(); or use strategy='ddp'."
-            )
+        check_strategies(trainer)
         count = sum(isinstance(cb, GradientCheckpointing) for cb in trainer.callbacks)
         if count > 1:
             raise ValueError(f"GradientCheckpointing was added {count} times; keep exactly one in `callbacks`.")

@@ -13,7 +13,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -31,6 +30,7 @@ from lightning_sft.layer_dropout.schedules import (
     validate_schedule,
 )
 from lightning_sft.layer_dropout.stacks import find_stacks
+from lightning_sft.strategies import ALL_KINDS, check_strategies
 from lightning_sft.validation import check_int
 
 FLOPS_SOURCE = "layer_dropout"
@@ -66,7 +66,14 @@ class LayerDropout(Callback):
         compute_budget: the largest expected fraction of the blocks' compute a step may run, for a device
             that can afford no more (e.g. 0.6); ``rate="auto"`` then only tries the arms within it, and a
             fixed rate must fit it. ``None``: no limit.
+
+    Runs under every strategy. A skipped block is still called (only its ``forward`` returns the input),
+    so FSDP2, FSDP and ZeRO-3 gather and free its weights on every rank alike, and every process drops
+    the same blocks (one seed, from rank 0).
     """
+
+    strategies = ALL_KINDS
+    strategy_refusal = ""
 
     def __init__(
         self,
@@ -131,14 +138,7 @@ class LayerDropout(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.dropper is not None:
             return
-        strategy = trainer.strategy
-        # DeepSpeed subclasses DDPStrategy but shards (and gathers weights inside forward), as FSDP does.
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or type(strategy).__name__.startswith("DeepSpeed"):
-            raise ValueError(
-                f"LayerDropout supports single-device and DDP training, not {type(strategy).__name__}: sharded"
-                " strategies gather a block's weights in its forward, which a skipped block never calls. Use"
-                " strategy='ddp'."
-            )
+        check_strategies(trainer)
         stacks = find_stacks(pl_module, self.block_paths)
         self.stack_sizes = [len(stack) for _, stack in stacks]
         allowed = self.allowed_rates(self.stack_sizes)
@@ -181,10 +181,9 @@ class LayerDropout(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.dropper is not None
-        # Adapters are injected (and maybe rebuilt by a rank search) by now; DDP needs every trainable
-        # parameter in the graph, so a skipped block then touches its own with a zero weight.
+        # DDP and FSDP need every trainable parameter in the graph on every process, so a skipped block
+        # then touches its own with a zero weight.
         self.dropper.load_formats(self._formats)  # a resumed fit drops from its first step, as the original did
-        self.dropper.refresh_trainable()
         self.dropper.ghost = trainer.world_size > 1
         if self.auto:
             loader = _val_loader(trainer)

@@ -20,7 +20,7 @@ from lightning_sft.adapters.quantization import (
     quantized_bytes,
     quantized_layers,
 )
-from lightning_sft.callbacks.strategies import sharded_strategy
+from lightning_sft.strategies import ALL_KINDS, DEEPSPEED, FSDP, check_strategies, strategy_kind
 
 
 
@@ -43,7 +43,13 @@ class LoRA(Callback):
         quantize: ``"nf4"`` or ``"fp4"`` stores every frozen linear layer except output heads in 4 bits
             (QLoRA, bitsandbytes >= 0.50, CPU or CUDA) after the adapters are injected; ``None`` keeps the
             base as it is. See docs/lora.md, "QLoRA: 4-bit base".
+
+    Runs on one device and under DDP, FSDP2 (``strategy="fsdp2"``), FSDP and DeepSpeed: the adapters are
+    injected before the strategy shards the module, so they are sharded with it (docs/distributed.md).
     """
+
+    strategies = ALL_KINDS
+    strategy_refusal = ""
 
     def __init__(
         self,
@@ -76,11 +82,7 @@ class LoRA(Callback):
         self._hooked: set[int] = set()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = sharded_strategy(trainer)
-        if strategy is not None:
-            raise RuntimeError(
-                f"LoRA does not support {strategy} yet. Use strategy='ddp' (or 'auto' on one device)."
-            )
+        check_strategies(trainer)
         count = sum(isinstance(cb, LoRA) for cb in trainer.callbacks)
         if count > 1:
             raise ValueError(f"The LoRA callback was added {count} times; keep exactly one LoRA in `callbacks`.")
@@ -119,6 +121,14 @@ class LoRA(Callback):
             raise ValueError(
                 f"LoRA(quantize={self.quantize!r}) cannot run with sparse fine-tuning, which trains entries of the base"
                 " weights that 4-bit storage cannot hold. Use one of the two."
+            )
+        kind = strategy_kind(trainer.strategy)
+        if kind in (FSDP, DEEPSPEED):
+            raise RuntimeError(
+                f"LoRA(quantize={self.quantize!r}) does not run under {kind}: it flattens (FSDP) or partitions (ZeRO)"
+                " each unit's weights into one buffer of one dtype, and bitsandbytes' 4-bit weights are uint8 with"
+                " their quantization state beside them. Use strategy='fsdp2', which shards each weight on its own,"
+                " or 'ddp'."
             )
         if not quantized_layers(pl_module):
             check_quantizable(pl_module, self.quantize)

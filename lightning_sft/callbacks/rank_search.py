@@ -18,7 +18,7 @@ import torch
 from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 
@@ -40,9 +40,9 @@ from lightning_sft.rank_search import (
     validate_penalty,
 )
 from lightning_sft.rng import capture_rng, restore_rng
+from lightning_sft.strategies import UNSHARDED, check_strategies
 from lightning_sft.validation import check_int
 
-_SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 _ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
 _WHO = "AdaptiveRankSearch"
 _FIX = "trial_steps / rounds / val_batches"
@@ -70,6 +70,14 @@ class AdaptiveRankSearch(Callback):
             of their rank components, measured during the largest candidate's longest trial.
         rounds: rounds of successive halving (1: every candidate once, ``trial_steps`` steps).
     """
+
+    strategies = UNSHARDED
+    strategy_refusal = (
+        "each trial builds new adapters at its rank after the strategy has sharded the module and built the"
+        " optimizer, and a sharded module cannot take in new parameters. Search on one device or under DDP (a"
+        " smaller model of the family, or fewer steps), then pass the chosen rank to LoRA(r=...) or"
+        " LoRA(rank_pattern=...) of the sharded run."
+    )
 
     def __init__(
         self,
@@ -101,12 +109,8 @@ class AdaptiveRankSearch(Callback):
         count = sum(isinstance(cb, AdaptiveRankSearch) for cb in trainer.callbacks)
         if count > 1:
             raise ValueError(f"AdaptiveRankSearch was added {count} times; keep exactly one in `callbacks`.")
+        check_strategies(trainer)
         lora = _lora_callback(trainer)
-        if type(trainer.strategy) not in _SUPPORTED_STRATEGIES:
-            raise RuntimeError(
-                f"AdaptiveRankSearch supports one device and DDP, not {type(trainer.strategy).__name__}."
-                " Use strategy='ddp' (or 'auto' on one device)."
-            )
         if not pl_module.automatic_optimization:
             raise RuntimeError(
                 "AdaptiveRankSearch trains its trials as Lightning's automatic optimization does; this module sets"

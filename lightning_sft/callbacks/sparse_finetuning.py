@@ -22,8 +22,8 @@ from lightning_sft.adapters.targeting import ALL_LINEAR, select_targets, validat
 from lightning_sft.callbacks.contextual_sparsity import ContextualSparsity
 from lightning_sft.callbacks.lora import LoRA
 from lightning_sft.callbacks.side_loop import fit_dataloader, outside_the_fit, step_loss, take_batches
-from lightning_sft.callbacks.strategies import sharded_strategy
 from lightning_sft.rng import capture_rng, restore_rng
+from lightning_sft.sharding import full_tensor, unsharded, write_full
 from lightning_sft.sparse_ft.delta_layer import SparseDeltaLinear, sparse_delta_layers
 from lightning_sft.sparse_ft.selection import (
     GRADIENT_SELECTIONS,
@@ -37,6 +37,7 @@ from lightning_sft.sparse_ft.selection import (
     validate_fraction,
     validate_selection,
 )
+from lightning_sft.strategies import WHOLE_WEIGHTS, WHOLE_WEIGHTS_REFUSAL, check_strategies
 from lightning_sft.validation import check_int
 
 _WHO = "SparseFineTuning"
@@ -65,7 +66,14 @@ class SparseFineTuning(Callback):
         score_batches: training batches whose gradients score the entries: before the fit for
             ``fisher``/``grad``, and the last steps before each reselection.
         seed: seed of the ``random`` selection; default: the global seed of rank 0.
+
+    Runs on one device and under DDP, FSDP2 and DeepSpeed: the sparse-delta layers exist before the
+    strategy shards the module; selections and reselections read whole weights, gathered per layer
+    (refused under FSDP1, which cannot gather them there; docs/distributed.md).
     """
+
+    strategies = WHOLE_WEIGHTS
+    strategy_refusal = WHOLE_WEIGHTS_REFUSAL.format(what="choose and regrow the trained entries")
 
     def __init__(
         self,
@@ -117,9 +125,7 @@ class SparseFineTuning(Callback):
     # -- set-up -------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = sharded_strategy(trainer)
-        if strategy is not None:
-            raise RuntimeError(f"{_WHO} does not support {strategy}. Use strategy='ddp' (or 'auto' on one device).")
+        check_strategies(trainer)
         if sum(isinstance(cb, SparseFineTuning) for cb in trainer.callbacks) > 1:
             raise ValueError(f"{_WHO} was added more than once; keep exactly one in `callbacks`.")
         if any(isinstance(cb, LoRA) for cb in trainer.callbacks) or lora_layers(pl_module):
@@ -157,7 +163,7 @@ class SparseFineTuning(Callback):
         if self.selection in GRADIENT_SELECTIONS:
             self._score_before_fit(trainer, pl_module, layers)
         for name, layer in layers.items():
-            with torch.no_grad():
+            with unsharded(layer, writeback=True), torch.no_grad():  # a sharded base: whole weights to rank
                 layer.delta_indices.copy_(top_entries(self._importance(name, layer), layer.count))
                 layer.delta_values.zero_()
             layer.selected = True
@@ -202,12 +208,14 @@ class SparseFineTuning(Callback):
         self._reselections += 1
         swapped = 0
         for name, layer in layers.items():
-            importance = self._importance(name, layer)
-            positions, new = drop_and_regrow(layer.delta_indices, layer.delta_values, importance, self.regrow_fraction)
-            with torch.no_grad():
-                layer.delta_indices[positions] = new.to(layer.delta_indices.device)
-                layer.delta_values[positions] = 0
-            _reset_optimizer_state(trainer, layer.delta_values, positions)
+            values = layer.delta_values  # the optimizer's parameter, sharded or not
+            with unsharded(layer, writeback=True):
+                importance = self._importance(name, layer)
+                positions, new = drop_and_regrow(layer.delta_indices, layer.delta_values, importance, self.regrow_fraction)
+                with torch.no_grad():
+                    layer.delta_indices[positions] = new.to(layer.delta_indices.device)
+                    layer.delta_values[positions] = 0
+            _reset_optimizer_state(trainer, values, positions)
             swapped += positions.numel()
         self._scores.clear()
         self._last_reselect_step = step
@@ -307,4 +315,6 @@ def _reset_optimizer_state(trainer: pl.Trainer, values: torch.Tensor, positions:
     for optimizer in trainer.optimizers:
         for state in optimizer.state.get(values, {}).values():
             if isinstance(state, torch.Tensor) and state.shape == values.shape:
-                state[positions.to(state.device)] = 0
+                whole = full_tensor(state).clone()
+                whole[positions.to(whole.device)] = 0
+                write_full(state, whole)

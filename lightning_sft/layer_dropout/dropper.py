@@ -17,7 +17,7 @@ the batch are sliced, others passed as they are) and writes them back into the i
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +36,6 @@ class DroppableBlock:
     original: Callable[..., Any]
     tuple_length: int | None = None  # None: forward returns a tensor
     seen: bool = False  # a dense call recorded the output format
-    trainable: list[nn.Parameter] = field(default_factory=list)
 
 
 def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Tensor:
@@ -101,11 +100,6 @@ class LayerDropper:
             if block.name in formats:
                 block.tuple_length = formats[block.name] or None
                 block.seen = True
-
-    def refresh_trainable(self) -> None:
-        """Record each block's trainable parameters (after adapters were injected or replaced)."""
-        for block in self.blocks:
-            block.trainable = [p for p in block.module.parameters() if p.requires_grad]
 
     def plan_layers(self, probabilities: list[float], generator: torch.Generator) -> None:
         """Draw which blocks this step drops whole."""
@@ -186,8 +180,11 @@ class LayerDropper:
     def _skip(self, block: DroppableBlock, hidden: Tensor, rows: int, batch: int, seq_len: int) -> Any:
         output = hidden
         # Also when every block is skipped: the loss must still reach a trainable parameter.
-        if (self.ghost or len(self.dropped) == len(self.blocks)) and block.trainable:
-            touch = torch.stack([p.reshape(-1)[0] for p in block.trainable]).sum()
+        # Looked up now: adapters may have been injected or rebuilt since, and inside a sharded block's
+        # forward FSDP2 holds its parameters as plain full tensors in place of the DTensors outside it.
+        trainable = [p for p in block.module.parameters() if p.requires_grad]
+        if (self.ghost or len(self.dropped) == len(self.blocks)) and trainable:
+            touch = torch.stack([p.reshape(-1)[0] for p in trainable]).sum()
             output = hidden + (touch * 0.0).to(hidden.dtype)
         self._report(block, rows, seq_len)
         if block.tuple_length is None:

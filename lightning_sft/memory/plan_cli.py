@@ -6,7 +6,9 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 
+from lightning_sft.assets import SHIPPED_MODELS
 from lightning_sft.validation import int_at_least
 from lightning_sft.memory.estimate import COMPONENTS
 from lightning_sft.memory.planner import GIB, PLAN_METHODS, QLORA_OVERHEAD, RESERVED_BYTES, ZERO3_OVERHEAD, NothingFits, Plan, plan
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int_at_least(1), default=4, help="micro-batch per GPU (default 4)")
     parser.add_argument("--lora-r", type=int_at_least(1), default=16, help="LoRA rank (default 16)")
     parser.add_argument("--methods", type=_methods, default=PLAN_METHODS, help="comma-separated subset of full,lora,qlora,sft")
+    parser.add_argument("--sharded", action="store_true",
+                        help="weigh only the recipes that shard the model over the GPUs (FSDP2 / ZeRO); needs --gpus >= 2")
     parser.add_argument("--all", action="store_true", help="also list the recipes that do not fit")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -55,7 +59,14 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f}"
 
 
-def format_plan(result: Plan, show_all: bool = False) -> str:
+def fit_command(result: Plan, model: str) -> str:
+    """The ``lightning-sft fit`` command of the recommendation; it names the model when fit can load it
+    (a shipped model or a local directory; a preset here is only a shape)."""
+    loadable = model in SHIPPED_MODELS or Path(model).is_dir()
+    return "lightning-sft fit " + (f"--model.model {model} " if loadable else "") + result.recommended.flags()
+
+
+def format_plan(result: Plan, show_all: bool = False, model: str = "") -> str:
     s = result.shape
     lines = [
         f"{s.family}: {s.num_params() / 1e9:.2f}B parameters, {s.layers} layers, hidden {s.hidden}, vocab {s.vocab};"
@@ -76,7 +87,7 @@ def format_plan(result: Plan, show_all: bool = False) -> str:
     lines += [
         "",
         f"Recommended: {best.name()} (peak {_gib(best.estimate.peak)} GiB, {best.estimate.trainable_params:,} trainable parameters).",
-        f"  lightning-sft fit {best.flags()}",
+        f"  {fit_command(result, model)}",
         "",
         "Components are per GPU at the step's peak; relative speed is a FLOP model (1.00 = fastest that fits), with"
         f" QLoRA dequantization assumed at +{QLORA_OVERHEAD:.0%} and ZeRO-3 communication at +{ZERO3_OVERHEAD:.0%} (not"
@@ -85,16 +96,17 @@ def format_plan(result: Plan, show_all: bool = False) -> str:
     return "\n".join(lines)
 
 
-def plan_json(result: Plan) -> dict:
+def plan_json(result: Plan, model: str = "") -> dict:
     return {
         "model": {"family": result.shape.family, "params": result.shape.num_params()},
         "budget_bytes": result.budget,
         "recommended": result.recommended.name(),
         "recommended_flags": result.recommended.flags(),
+        "recommended_command": fit_command(result, model),
         "recipes": [
             {
                 "recipe": r.name(), "fits": r.fits, "speed": round(r.speed, 4), "peak_bytes": r.estimate.peak,
-                "phase": r.estimate.phase, "at_peak": r.estimate.at_peak, "setup": r.setup.__dict__,
+                "phase": r.estimate.phase, "at_peak": r.estimate.at_peak, "setup": r.setup.__dict__, "flags": r.flags(),
             }
             for r in result.recipes
         ],
@@ -105,11 +117,11 @@ def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        result = plan(args.model, args.gpu_mem, args.gpus, args.seq, args.batch, args.methods, args.lora_r)
+        result = plan(args.model, args.gpu_mem, args.gpus, args.seq, args.batch, args.methods, args.lora_r, args.sharded)
     except NothingFits as error:
         print(f"lightning-sft plan: {error}", file=sys.stderr)
         return 1
     except ValueError as error:
         parser.error(str(error))
-    print(json.dumps(plan_json(result), indent=2) if args.json else format_plan(result, args.all))
+    print(json.dumps(plan_json(result, args.model), indent=2) if args.json else format_plan(result, args.all, args.model))
     return 0

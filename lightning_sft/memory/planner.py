@@ -26,6 +26,9 @@ ZERO3_OVERHEAD = 0.15
 # CUDA context and allocator slack that the tensors' peak does not include.
 RESERVED_BYTES = GIB
 PLAN_METHODS = ("full", "lora", "qlora", "sft")
+# The strategy each ZeRO stage runs as under ``lightning-sft fit``: FSDP2 shards parameters, gradients and
+# optimizer states as ZeRO-3 does, and every callback runs under it; ZeRO-2 is DeepSpeed's (CUDA, `deepspeed`).
+SHARDED_STRATEGY_FLAGS = {2: "deepspeed_stage_2", 3: "fsdp2"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class Recipe:
         parts = [{"full": "full FT", "lora": "LoRA", "qlora": "QLoRA (NF4)", "sft": "sparse FT"}[s.method]]
         parts += ["checkpointing"] if s.gradient_checkpointing else []
         parts += ["8-bit AdamW"] if s.optimizer == "adamw8bit" else []
-        parts += [f"ZeRO-{s.zero_stage} x{s.gpus}"] if s.zero_stage else []
+        parts += [f"{'FSDP2 (ZeRO-3)' if s.zero_stage == 3 else f'ZeRO-{s.zero_stage}'} x{s.gpus}"] if s.zero_stage else []
         return " + ".join(parts)
 
     def flags(self) -> str:
@@ -67,8 +70,9 @@ class Recipe:
             flags.append("--optimizer-8bit on")
         if s.attention != "eager":
             flags.append(f"--attention {s.attention}")
+        flags.append("--trainer.accelerator gpu")
         if s.zero_stage:
-            flags.append(f"--trainer.strategy deepspeed_stage_{s.zero_stage}")
+            flags.append(f"--trainer.strategy {SHARDED_STRATEGY_FLAGS[s.zero_stage]}")
         if s.gpus > 1:
             flags.append(f"--trainer.devices {s.gpus}")
         return " ".join(flags)
@@ -109,15 +113,21 @@ def _step_cost(shape: ModelShape, setup: TrainingSetup) -> float:
 
 
 def candidate_setups(
-    gpus: int, seq: int, batch: int, methods: tuple[str, ...] = PLAN_METHODS, lora_r: int = 16
+    gpus: int, seq: int, batch: int, methods: tuple[str, ...] = PLAN_METHODS, lora_r: int = 16,
+    sharded_only: bool = False,
 ) -> list[TrainingSetup]:
-    """Every combination the planner weighs: method x checkpointing x optimizer, in bf16 with fused
-    attention (the memory-cheapest precision and kernel); with several GPUs, DDP, and for full
-    fine-tuning also ZeRO-2 and ZeRO-3 (the adapter callbacks refuse sharded strategies, and
-    ZeRO-1 is ZeRO-2 with more memory and no gain in speed)."""
+    """Every combination the planner weighs and ``lightning-sft fit`` runs: method x checkpointing x
+    optimizer, in bf16 with fused attention (the memory-cheapest precision and kernel); with several
+    GPUs, DDP and ZeRO-3 (FSDP2) for every method, and ZeRO-2 (DeepSpeed) for full fine-tuning, where
+    gradients are as large as the weights (ZeRO-1 is ZeRO-2 with more memory and no gain in speed).
+    8-bit optimizer states go with DDP only (``EightBitOptimizer`` refuses sharded strategies)."""
     setups = []
     for method, checkpointing, optimizer in itertools.product(methods, (False, True), ("adamw", "adamw8bit")):
-        stages = (0, 2, 3) if gpus > 1 and method == "full" else (0,)
+        stages: tuple[int, ...] = (0,)
+        if gpus > 1 and optimizer == "adamw":
+            stages = (0, 2, 3) if method == "full" else (0, 3)
+        if sharded_only:
+            stages = tuple(stage for stage in stages if stage)
         setups.extend(
             TrainingSetup(
                 method=method, batch=batch, seq=seq, precision="bf16-true", lora_r=lora_r,
@@ -137,17 +147,21 @@ def plan(
     batch: int = 4,
     methods: tuple[str, ...] = PLAN_METHODS,
     lora_r: int = 16,
+    sharded_only: bool = False,
 ) -> Plan:
     """The recipes for ``config`` on ``gpus`` GPUs of ``gpu_memory`` bytes each, fastest first, and the
-    recommendation: the fastest that fits (ties: the smaller peak). Raises ``NothingFits`` (saying
-    which smaller batch, shorter sequence or more GPUs would fit) when none does."""
+    recommendation: the fastest that fits (ties: the smaller peak); ``sharded_only`` weighs the ZeRO /
+    FSDP2 recipes alone. Raises ``NothingFits`` (saying which smaller batch, shorter sequence or more
+    GPUs would fit) when none does."""
+    if sharded_only and gpus < 2:
+        raise ValueError("sharded recipes split the model over several GPUs: pass gpus >= 2.")
     if isinstance(gpu_memory, bool) or not isinstance(gpu_memory, int) or gpu_memory <= RESERVED_BYTES:
         raise ValueError(f"gpu_memory must be more than the {RESERVED_BYTES / GIB:.0f} GiB kept for the CUDA context; got {gpu_memory!r} bytes.")
     unknown = [m for m in methods if m not in PLAN_METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be among {', '.join(PLAN_METHODS)}; got {', '.join(methods) or 'none'}.")
     shape = config if isinstance(config, ModelShape) else model_shape(config)
-    estimates = [estimate(shape, setup) for setup in candidate_setups(gpus, seq, batch, methods, lora_r)]
+    estimates = [estimate(shape, setup) for setup in candidate_setups(gpus, seq, batch, methods, lora_r, sharded_only)]
     usable = gpu_memory - RESERVED_BYTES
     fitting = [e for e in estimates if e.peak <= usable]
     if not fitting:

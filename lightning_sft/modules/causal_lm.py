@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
 from lightning_sft.assets import SHIPPED_MODELS, resolve_model_dir
+from lightning_sft.sharding import has_sharded_parameters, shard_by_block
 from lightning_sft.tasks.exact_match import ResponseExactMatch
 
 # Random-init models built from a config: no download, so smoke tests and CI run offline.
@@ -118,10 +119,24 @@ class CausalLM(pl.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, "test", self.test_accuracy)
 
+    def configure_model(self) -> None:
+        """Under ``strategy="fsdp2"`` (or a ``ModelParallelStrategy``), shard the model block by block
+        over the data-parallel ranks; after the callbacks' ``setup``, so adapters are sharded with it."""
+        mesh = self.device_mesh
+        if mesh is None or has_sharded_parameters(self.model):  # not model-parallel, or sharded by an earlier fit
+            return
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise RuntimeError(
+                "CausalLM shards with FSDP2 only, and this ModelParallelStrategy puts"
+                f" {mesh['tensor_parallel'].size()} processes in its tensor-parallel dimension: use strategy='fsdp2',"
+                " or ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1)."
+            )
+        shard_by_block(self.model, mesh["data_parallel"])
+
     def configure_optimizers(self) -> Any:
-        # All parameters on purpose: frozen ones (e.g. under LoRA) never get a grad, so AdamW keeps
-        # no state for them, and parameters unfrozen later by a callback are still optimized.
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # The trainable parameters only: the optimizer holds no reference to the frozen base.
+        trainable = [param for param in self.parameters() if param.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         warmup, decay = self.hparams.warmup_steps, self.hparams.get("decay_steps")
         if warmup == 0 and decay is None:
             return optimizer

@@ -36,7 +36,8 @@ from torch import nn
 from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.adapters.peft_format import peft_root
 from lightning_sft.atomic_io import atomic_path
-from lightning_sft.fingerprint import base_parameters, fingerprint_tensors
+from lightning_sft.fingerprint import TensorSample, base_parameters, fingerprint_tensors, gathered_sample
+from lightning_sft.sharding import first_rank_writes, has_sharded_parameters, unsharded
 from lightning_sft.sparse_ft.delta_layer import sparse_delta_layers
 from lightning_sft.sparse_ft.index_coding import decode_indices, decode_signed, encode_indices, encode_signed
 from lightning_sft.sparse_ft.selection import entry_count, top_entries, validate_density
@@ -137,10 +138,17 @@ def _exact_deltas(name: str, base: torch.Tensor, tuned: torch.Tensor) -> torch.T
 
 
 def make_diff(
-    base: Mapping[str, torch.Tensor], updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], info: dict[str, Any]
+    base: Mapping[str, torch.Tensor | TensorSample],
+    updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    info: dict[str, Any],
+    base_entries: Mapping[str, torch.Tensor] | None = None,
 ) -> SparseDiff:
     """The diff taking the ``base`` tensors (all of the model's, by name) to the tuned entries
-    ``updates[name] = (sorted flat indices, tuned values in the tensor's dtype)``."""
+    ``updates[name] = (sorted flat indices, tuned values in the tensor's dtype)``.
+
+    ``base_entries[name]`` gives the base values at those indices where ``base`` holds only a sample
+    of the tensor (a sharded model); otherwise they are read from ``base``.
+    """
     tensors, patches = {}, {}
     for name, (indices, tuned) in sorted(updates.items()):
         weight = base[name]
@@ -148,7 +156,11 @@ def make_diff(
         tuned = tuned.detach().to("cpu", weight.dtype)
         if not torch.isfinite(tuned).all():
             raise DiffError(f"The tuned values of {name!r} are not all finite (the training diverged); nothing was saved.")
-        entries = weight.detach().reshape(-1)[indices.to(weight.device)].to("cpu")
+        if base_entries is not None and name in base_entries:
+            entries = base_entries[name].detach().to("cpu")
+        else:
+            assert isinstance(weight, torch.Tensor)
+            entries = weight.detach().reshape(-1)[indices.to(weight.device)].to("cpu")
         values = _exact_deltas(name, entries, tuned)
         approximate = tuned - values
         fixups = torch.nonzero(_bits(approximate) != _bits(entries)).reshape(-1)
@@ -289,7 +301,8 @@ def save_diff(module: nn.Module, path: str | os.PathLike) -> Path:
     """Write the sparse deltas of ``module`` (trained by ``SparseFineTuning``) as a diff file.
 
     Names are those of the base model's own parameters (inside a LightningModule, relative to the
-    Hugging Face model it holds), so the diff applies to the plain base model.
+    Hugging Face model it holds), so the diff applies to the plain base model. A sharded module (FSDP2,
+    ZeRO-3) is gathered one layer at a time and written by rank 0: call this on every rank then.
     """
     root, _ = peft_root(module)
     layers = sparse_delta_layers(root)
@@ -297,15 +310,21 @@ def save_diff(module: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError(f"{type(module).__name__} has no sparse deltas to save. Add the `SparseFineTuning` callback.")
     base = base_parameters(root)
     names = {id(param): name for name, param in base.items()}
-    updates = {}
+    updates, entries = {}, {}
     for layer in layers.values():
-        order = torch.argsort(layer.delta_indices)
-        indices = layer.delta_indices[order]
-        updates[names[id(layer.base_layer.weight)]] = (indices, layer.tuned_weight().reshape(-1)[indices])
+        name = names[id(layer.base_layer.weight)]
+        with unsharded(layer):
+            indices = layer.delta_indices[torch.argsort(layer.delta_indices)]
+            updates[name] = (indices, layer.tuned_weight().reshape(-1)[indices])
+            entries[name] = layer.base_layer.weight.detach().reshape(-1)[indices]
     selections = sorted({layer.selection for layer in layers.values()})
     dtypes = sorted({_dtype_name(layer.base_layer.weight.dtype) for layer in layers.values()})
     info = {"source": "sparse-finetuning", "selection": ",".join(selections), "dtype": ",".join(dtypes)}
-    return write_diff(make_diff(base, updates, info), path)
+    diff = make_diff({name: gathered_sample(param) for name, param in base.items()}, updates, info, entries)
+    with first_rank_writes(has_sharded_parameters(root)) as writes:
+        if writes:
+            write_diff(diff, path)
+    return Path(path)
 
 
 def export_lora_diff(module: nn.Module, path: str | os.PathLike, density: float | None = None) -> Path:

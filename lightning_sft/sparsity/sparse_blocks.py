@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_sft.sharding import unsharded
 from lightning_sft.adapters.linear_layers import linear_features, weight_is_transposed
 from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.adapters.quantization import (
@@ -516,10 +517,12 @@ def sparsify(
                 raise ValueError(f"{path} is already sparse (or passed twice); desparsify(model) first.")
             taken.add(id(module))
             projection_base(module, path)
-        estimators = {
-            name: build_estimator(strategy, block, anatomy.key(name), **estimator_options)
-            for name, block in anatomy.estimator_blocks(model).items()
-        }
+        # Estimators copy what they need of the weights, so a sharded block lends them whole only here.
+        with unsharded([model.get_submodule(path) for path in anatomy.projections]):
+            estimators = {
+                name: build_estimator(strategy, block, anatomy.key(name), **estimator_options)
+                for name, block in anatomy.estimator_blocks(model).items()
+            }
         planned.append(SparseBlock(model, anatomy, state, estimators, keep))
     for block in planned:
         block.install()
