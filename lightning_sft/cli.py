@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -42,6 +42,7 @@ from lightning_sft.callbacks import (
 from lightning_sft.sparse_ft import save_diff, sparse_delta_layers
 from lightning_sft.sparsity import available_strategies
 from lightning_sft.summary import format_summary, run_summary
+from lightning_sft.usage import debugging, exit_with_usage_error, usage_errors
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 # Subcommands that are not LightningCLI's: each module exposes `main(argv) -> int` and is imported lazily.
@@ -225,6 +226,17 @@ def _init_params(cls: type) -> list[str]:
     return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
 
 
+class _OneLineErrors(LightningArgumentParser):
+    """Lightning's parser whose usage errors are one line naming the subcommand, exit status 2."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or debugging():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        exit_with_usage_error(prog, message, f"{prog} --help lists the options")
+
+
 class SFTCLI(LightningCLI):
     """``LightningCLI`` defaulting to the main job (``configs/demo.yaml``), with LoRA and EfficiencyMonitor on.
 
@@ -239,6 +251,7 @@ class SFTCLI(LightningCLI):
             "datamodule_class": pl.LightningDataModule,
             "subclass_mode_model": True,
             "subclass_mode_data": True,
+            "parser_class": _OneLineErrors,
             "seed_everything_default": 0,
             "save_config_kwargs": {"overwrite": True},
             "parser_kwargs": {
@@ -353,15 +366,21 @@ class SFTCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry: ``lightning-sft {fit,validate,test,bench,diff,pretrain,report} ...``."""
+    """Console entry: ``lightning-sft {fit,validate,test,bench,diff,federated,plan,pretrain,report} ...``.
+
+    Usage errors (a bad flag or value, a check of ours refusing the input) print one line and exit with
+    status 2; ``LSFT_DEBUG=1`` shows their traceback (see ``lightning_sft.usage``).
+    """
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] and argv[0] in PLAIN_SUBCOMMANDS:
-        module = importlib.import_module(PLAIN_SUBCOMMANDS[argv[0]])  # lazy: training needs none of them
-        code = module.main(argv[1:])
-        if code:
-            raise SystemExit(code)
-        return
-    SFTCLI(args=args)
+    prog = "lightning-sft" + (f" {argv[0]}" if argv[:1] and not argv[0].startswith("-") else "")
+    with usage_errors(prog):
+        if argv[:1] and argv[0] in PLAIN_SUBCOMMANDS:
+            module = importlib.import_module(PLAIN_SUBCOMMANDS[argv[0]])  # lazy: training needs none of them
+            code = module.main(argv[1:])
+            if code:
+                raise SystemExit(code)
+            return
+        SFTCLI(args=args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ new directory (weights, config and every other file of the source), atomically.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from typing import Any
 
 from lightning_sft.assets import resolve_model_dir
 from lightning_sft.sparse_ft.diff import DiffError, SparseDiff, apply_diff, read_diff, revert_diff
+from lightning_sft.usage import UsageParser
 
 # Files of a model directory that save_pretrained writes itself; everything else is copied over.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -93,7 +93,7 @@ def write_model(model: Any, source: Path, out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lightning-sft diff", description=__doc__.splitlines()[0])
+    parser = UsageParser(prog="lightning-sft diff", description=__doc__.splitlines()[0])
     actions = parser.add_subparsers(dest="action", required=True)
     inspect = actions.add_parser("inspect", help="print a diff's contents, size and fingerprints")
     inspect.add_argument("diff", type=Path, help="the .safetensors diff file")

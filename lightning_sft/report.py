@@ -7,7 +7,6 @@ that embeds it together with each run's ``summary.json``.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import html
@@ -16,6 +15,7 @@ import math
 from pathlib import Path
 
 from lightning_sft.atomic_io import atomic_path
+from lightning_sft.usage import UsageParser
 
 # (metric key, panel title); a panel is drawn when any run has the key.
 PANELS = [
@@ -128,7 +128,7 @@ def _fmt(value: object) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lightning-sft report", description=__doc__.splitlines()[0])
+    parser = UsageParser(prog="lightning-sft report", description=__doc__.splitlines()[0])
     parser.add_argument("log_dirs", nargs="+", type=Path, help="run directories or parents of several runs")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first LOGDIR)")
     args = parser.parse_args(argv)

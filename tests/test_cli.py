@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -149,9 +150,12 @@ def test_help_lists_lora_flags(words: list[str]) -> None:
     assert "--lora.r" in result.stdout and "--efficiency.measure_flops" in result.stdout
 
 
-def test_bad_preset_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"Unknown model 'tiny-lama'.*sft-llama-5m.*tiny-llama.*local Hugging Face"):
+def test_bad_preset_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
         main(["fit", *_trainer_args(tmp_path, "--model.model", "tiny-lama")])
+    assert caught.value.code == 2
+    assert re.search(r"^lightning-sft fit: error: Unknown model 'tiny-lama'.*sft-llama-5m.*tiny-llama.*local Hugging Face",
+                     capsys.readouterr().err, re.MULTILINE)
 
 
 class _Dummy(Callback):

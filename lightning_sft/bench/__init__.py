@@ -22,6 +22,7 @@ from lightning_sft.bench import (
     sparse_ft,
     sparsity,
 )
+from lightning_sft.usage import UsageParser
 
 BENCHMARKS: tuple[ModuleType, ...] = (
     lora, sparsity, recall, quality, rank, layer_dropout, sparse_ft, memory, distributed, federated, kernels,
@@ -29,7 +30,7 @@ BENCHMARKS: tuple[ModuleType, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightning-sft bench", description="Run a lightning-sft benchmark.")
+    parser = UsageParser(prog="lightning-sft bench", description="Run a lightning-sft benchmark.")
     subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for module in BENCHMARKS:
         sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.HELP)

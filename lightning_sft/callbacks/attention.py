@@ -6,14 +6,13 @@ The logic lives in :mod:`lightning_sft.recipes.attention`; see ``docs/memory_rec
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_sft.callbacks.base import SFTCallback
 from lightning_sft.recipes.attention import check_implementation, set_attention_implementation
-from lightning_sft.strategies import ALL_KINDS, check_strategies
 
 
-class AttentionImplementation(Callback):
+class AttentionImplementation(SFTCallback):
     """Run the module's Hugging Face models with ``implementation`` for the length of each stage.
 
     ``sdpa`` (the default) keeps no ``batch x heads x seq x seq`` attention probabilities for the backward
@@ -25,16 +24,13 @@ class AttentionImplementation(Callback):
         implementation: ``eager``, ``sdpa``, ``flex_attention``, ``flash_attention_2`` or ``flash_attention_3``.
     """
 
-    strategies = ALL_KINDS
-    strategy_refusal = ""
-
     def __init__(self, implementation: str = "sdpa") -> None:
         super().__init__()
         self.implementation = check_implementation(implementation)
         self._previous: str | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategies(trainer)
+        self.begin_setup(trainer, pl_module, stage)
         if self._previous is not None:
             return
         self._previous = set_attention_implementation(pl_module, self.implementation)

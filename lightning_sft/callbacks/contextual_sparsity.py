@@ -8,12 +8,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_sft.anatomy import ModelAnatomy, describe
+from lightning_sft.callbacks.base import SFTCallback
 from lightning_sft.flops import report_skipped_flops
 from lightning_sft.sparsity import (
     PRESETS,
@@ -34,7 +34,7 @@ from lightning_sft.sparsity.calibration import (
     relative_errors,
 )
 from lightning_sft.sparsity.schedule import dense_warmup_steps
-from lightning_sft.strategies import WHOLE_WEIGHTS, WHOLE_WEIGHTS_REFUSAL, check_strategies
+from lightning_sft.strategies import WHOLE_WEIGHTS, WHOLE_WEIGHTS_REFUSAL
 from lightning_sft.tasks.exact_match import IGNORE_INDEX
 
 FLOPS_SOURCE = "contextual_sparsity"
@@ -60,7 +60,7 @@ def context_mask_from_labels(labels: torch.Tensor) -> torch.Tensor:
     return ~scored_next
 
 
-class ContextualSparsity(Callback):
+class ContextualSparsity(SFTCallback):
     """Compute the frozen weights' context-token products on a per-batch subset of channels.
 
     Each training step an estimator picks, per layer, the MLP (and optionally attention) channels
@@ -168,7 +168,7 @@ class ContextualSparsity(Callback):
         self._estimator_map: dict[str, tuple[str, ChannelEstimator]] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategies(trainer)
+        self.begin_setup(trainer, pl_module, stage)
         if sum(isinstance(cb, ContextualSparsity) for cb in trainer.callbacks) > 1:
             raise ValueError("ContextualSparsity was added more than once; keep exactly one in `callbacks`.")
         if stage == "fit":
@@ -380,6 +380,7 @@ class ContextualSparsity(Callback):
         state.context_mask = self._context_mask(batch) if state.active or state.observing else None
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        super().on_before_backward(trainer, pl_module, loss)
         # The forward has run: its skips (forward and the coming input-gradient products) are known,
         # and EfficiencyMonitor reads the ledger only after backward, whatever the callback order.
         if self.state.skipped_flops:

@@ -14,12 +14,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_sft.callbacks.base import SFTCallback
 from lightning_sft.flops import StepFlopCounter, count_tokens, flops_ledger
 from lightning_sft.metrics import EfficiencyTracker
-from lightning_sft.strategies import ALL_KINDS
 
 
 @dataclass
@@ -54,7 +53,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class EfficiencyMonitor(Callback):
+class EfficiencyMonitor(SFTCallback):
     """Logs per-step throughput, FLOPs (dense vs. effective), parameter counts and peak memory.
 
     Args:
@@ -67,9 +66,6 @@ class EfficiencyMonitor(Callback):
             steps). Lightning writes on its own ``Trainer(log_every_n_steps=...)`` cadence and
             repeats the last value on steps this callback skipped, so keep that a multiple of n.
     """
-
-    strategies = ALL_KINDS
-    strategy_refusal = ""
 
     def __init__(
         self,
@@ -220,6 +216,7 @@ class EfficiencyMonitor(Callback):
         self._tracker.reset()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
         if self._counter.running:
             self._stop_counter()
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import importlib.util
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_sft.callbacks.base import SFTCallback
 from lightning_sft.callbacks.sparse_finetuning import SparseFineTuning
 from lightning_sft.recipes.optimizers import (
     DEFAULT_MIN_8BIT_SIZE,
@@ -18,12 +18,12 @@ from lightning_sft.recipes.optimizers import (
     is_bitsandbytes_optimizer,
     rebind_scheduler,
 )
-from lightning_sft.strategies import UNSHARDED, check_strategies
+from lightning_sft.strategies import UNSHARDED
 from lightning_sft.validation import check_int
 
 
 
-class EightBitOptimizer(Callback):
+class EightBitOptimizer(SFTCallback):
     """Keep Adam / AdamW / SGD-momentum states in 8 bits: about 2 bytes per trained parameter instead of 8.
 
     ``configure_optimizers`` stays as it is: in ``on_fit_start`` (after it ran, before a checkpoint's
@@ -52,7 +52,7 @@ class EightBitOptimizer(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategies(trainer)
+        self.begin_setup(trainer, pl_module, stage)
         # Regrowth zeroes the regrown entries' fp32 states in place; in 8-bit states code 0 is not zero.
         if any(isinstance(cb, SparseFineTuning) and cb.reselect_every is not None for cb in trainer.callbacks):
             raise ValueError(

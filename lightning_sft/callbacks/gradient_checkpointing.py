@@ -9,16 +9,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_sft.callbacks.base import SFTCallback
 from lightning_sft.callbacks.layer_dropout import LayerDropout
 from lightning_sft.recipes.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
-from lightning_sft.strategies import ALL_KINDS, check_strategies
 
 
 
-class GradientCheckpointing(Callback):
+class GradientCheckpointing(SFTCallback):
     """Keep only each block's inputs for the backward pass and recompute the block there.
 
     Activation memory falls from every block's internals to one block input per block plus one block's
@@ -35,9 +34,6 @@ class GradientCheckpointing(Callback):
     its recompute in backward.
     """
 
-    strategies = ALL_KINDS
-    strategy_refusal = ""
-
     def __init__(self, blocks: Sequence[str] | None = None) -> None:
         super().__init__()
         if blocks is not None and (isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks)):
@@ -50,7 +46,7 @@ class GradientCheckpointing(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.checkpointed:
             return
-        check_strategies(trainer)
+        self.begin_setup(trainer, pl_module, stage)
         count = sum(isinstance(cb, GradientCheckpointing) for cb in trainer.callbacks)
         if count > 1:
             raise ValueError(f"GradientCheckpointing was added {count} times; keep exactly one in `callbacks`.")

@@ -12,11 +12,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_sft.callbacks.side_loop import fit_dataloader, outside_the_fit, step_loss, take_batches
+from lightning_sft.callbacks.base import SFTCallback
+from lightning_sft.callbacks.side_loop import (
+    batch_count,
+    fit_dataloader,
+    outside_the_fit,
+    step_loss,
+    take_batches,
+    usable_batches,
+)
 from lightning_sft.flops import report_skipped_flops
 from lightning_sft.layer_dropout.bandit import DiscountedUCB, validate_arms
 from lightning_sft.layer_dropout.dropper import LayerDropper
@@ -30,11 +37,11 @@ from lightning_sft.layer_dropout.schedules import (
     validate_schedule,
 )
 from lightning_sft.layer_dropout.stacks import find_stacks
-from lightning_sft.strategies import ALL_KINDS, check_strategies
 from lightning_sft.validation import check_int
 
 FLOPS_SOURCE = "layer_dropout"
 DEFAULT_ARMS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_PROBE_BATCHES = 4
 _WHO = "LayerDropout(rate='auto')"
 # Mixes the seed and the batch counter into one generator seed per step (a large odd multiplier).
 _SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -46,7 +53,7 @@ def _val_loader(trainer: pl.Trainer) -> Any:
     return fit_dataloader(trainer, source, RunningStage.VALIDATING, _WHO, why)
 
 
-class LayerDropout(Callback):
+class LayerDropout(SFTCallback):
     """Skip transformer blocks at random during training; evaluation always uses every block.
 
     Args:
@@ -62,7 +69,8 @@ class LayerDropout(Callback):
         gamma: ramp speed of the progressive schedule.
         arms, decide_every, probe_batches, discount, exploration: the bandit of ``rate="auto"``: its
             candidate rates, the window length in optimizer steps, the validation batches whose loss
-            (all blocks, no dropout) measures progress, and its forgetting and exploration factors.
+            (all blocks, no dropout) measures progress (None: 4, or all the validation data within
+            ``limit_val_batches`` if that is fewer), and its forgetting and exploration factors.
         compute_budget: the largest expected fraction of the blocks' compute a step may run, for a device
             that can afford no more (e.g. 0.6); ``rate="auto"`` then only tries the arms within it, and a
             fixed rate must fit it. ``None``: no limit.
@@ -71,9 +79,6 @@ class LayerDropout(Callback):
     so FSDP2, FSDP and ZeRO-3 gather and free its weights on every rank alike, and every process drops
     the same blocks (one seed, from rank 0).
     """
-
-    strategies = ALL_KINDS
-    strategy_refusal = ""
 
     def __init__(
         self,
@@ -87,7 +92,7 @@ class LayerDropout(Callback):
         gamma: float = DEFAULT_GAMMA,
         arms: Sequence[float] = DEFAULT_ARMS,
         decide_every: int = 25,
-        probe_batches: int = 4,
+        probe_batches: int | None = None,
         discount: float = 0.9,
         exploration: float = 1.0,
         compute_budget: float | None = None,
@@ -112,7 +117,9 @@ class LayerDropout(Callback):
         self.gamma = float(gamma)
         self.arms = validate_arms(arms)
         self.decide_every = check_int(decide_every, "decide_every", 1, "A window of 10-50 steps suits most runs.")
-        self.probe_batches = check_int(probe_batches, "probe_batches", 1, "A few validation batches suffice.")
+        if probe_batches is not None:
+            check_int(probe_batches, "probe_batches", 1, "A few validation batches suffice; None uses up to 4.")
+        self.probe_batches = probe_batches
         self.compute_budget = None if compute_budget is None else check_budget(compute_budget)
         self.bandit = DiscountedUCB(len(self.arms), discount, exploration) if self.auto else None
         # Under a budget the arms are cut in `setup`; a state loaded before then waits for it.
@@ -138,7 +145,7 @@ class LayerDropout(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.dropper is not None:
             return
-        check_strategies(trainer)
+        self.begin_setup(trainer, pl_module, stage)
         stacks = find_stacks(pl_module, self.block_paths)
         self.stack_sizes = [len(stack) for _, stack in stacks]
         allowed = self.allowed_rates(self.stack_sizes)
@@ -187,7 +194,9 @@ class LayerDropout(Callback):
         self.dropper.ghost = trainer.world_size > 1
         if self.auto:
             loader = _val_loader(trainer)
-            self._probe = [batch for _, batch in take_batches(loader, self.probe_batches, "validation", _WHO, "probe_batches")]
+            available = usable_batches(trainer, loader, RunningStage.VALIDATING)
+            count = batch_count("probe_batches", self.probe_batches, DEFAULT_PROBE_BATCHES, available, _WHO, "validation")
+            self._probe = [batch for _, batch in take_batches(loader, count, "validation", _WHO, "probe_batches")]
             if self._window_loss is None:
                 self._window_loss = self._probe_loss(trainer, pl_module)
                 self._window_start = trainer.global_step

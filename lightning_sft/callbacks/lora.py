@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_sft.adapters.checkpoint import CHECKPOINT_KEY, structure_record
@@ -20,11 +19,12 @@ from lightning_sft.adapters.quantization import (
     quantized_bytes,
     quantized_layers,
 )
-from lightning_sft.strategies import ALL_KINDS, DEEPSPEED, FSDP, check_strategies, strategy_kind
+from lightning_sft.callbacks.base import SFTCallback
+from lightning_sft.strategies import DEEPSPEED, FSDP, strategy_kind
 
 
 
-class LoRA(Callback):
+class LoRA(SFTCallback):
     """Inject LoRA adapters into the LightningModule's layers and freeze everything else.
 
     Injection happens in ``setup``, before Lightning calls ``configure_optimizers``, so an
@@ -47,9 +47,6 @@ class LoRA(Callback):
     Runs on one device and under DDP, FSDP2 (``strategy="fsdp2"``), FSDP and DeepSpeed: the adapters are
     injected before the strategy shards the module, so they are sharded with it (docs/distributed.md).
     """
-
-    strategies = ALL_KINDS
-    strategy_refusal = ""
 
     def __init__(
         self,
@@ -82,7 +79,7 @@ class LoRA(Callback):
         self._hooked: set[int] = set()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategies(trainer)
+        self.begin_setup(trainer, pl_module, stage)
         count = sum(isinstance(cb, LoRA) for cb in trainer.callbacks)
         if count > 1:
             raise ValueError(f"The LoRA callback was added {count} times; keep exactly one LoRA in `callbacks`.")

@@ -15,16 +15,23 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.data import sized_len
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 
 from lightning_sft.adapters.injection import inject_lora, lora_layers, replace_submodule
+from lightning_sft.callbacks.base import SFTCallback
 from lightning_sft.callbacks.lora import LoRA
-from lightning_sft.callbacks.side_loop import fit_dataloader, outside_the_fit, restore_modes, step_loss, take_batches
+from lightning_sft.callbacks.side_loop import (
+    batch_count,
+    fit_dataloader,
+    outside_the_fit,
+    restore_modes,
+    step_loss,
+    take_batches,
+    usable_batches,
+)
 from lightning_sft.rank_search import (
     DEFAULT_CANDIDATES,
     Trial,
@@ -40,15 +47,17 @@ from lightning_sft.rank_search import (
     validate_penalty,
 )
 from lightning_sft.rng import capture_rng, restore_rng
-from lightning_sft.strategies import UNSHARDED, check_strategies
+from lightning_sft.strategies import UNSHARDED
 from lightning_sft.validation import check_int
 
 _ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
 _WHO = "AdaptiveRankSearch"
 _FIX = "trial_steps / rounds / val_batches"
+DEFAULT_TRIAL_STEPS = 50
+DEFAULT_VAL_BATCHES = 8
 
 
-class AdaptiveRankSearch(Callback):
+class AdaptiveRankSearch(SFTCallback):
     """Choose the LoRA rank at the start of fit with a short trial per candidate (needs ``LoRA``).
 
     Each trial builds fresh adapters at one rank, trains them ``trial_steps`` optimizer steps with a
@@ -63,8 +72,11 @@ class AdaptiveRankSearch(Callback):
     Args:
         candidates: ranks to try.
         trial_steps: optimizer steps per trial in the first round (each of ``accumulate_grad_batches`` batches).
+            None: 50, or fewer so that the longest round fits in one pass of the training data (within
+            ``limit_train_batches``).
         val_batches: validation batches per trial; the val loss is the mean of ``training_step``'s loss
-            on them, in eval mode without gradients (averaged over processes under DDP).
+            on them, in eval mode without gradients (averaged over processes under DDP). None: 8, or
+            the validation batches within ``limit_val_batches`` if fewer.
         penalty: weight of the relative parameter count, in units of validation loss.
         per_module: spread the chosen rank's parameter budget over the modules by the importance
             of their rank components, measured during the largest candidate's longest trial.
@@ -82,15 +94,20 @@ class AdaptiveRankSearch(Callback):
     def __init__(
         self,
         candidates: Sequence[int] = DEFAULT_CANDIDATES,
-        trial_steps: int = 50,
-        val_batches: int = 8,
+        trial_steps: int | None = None,
+        val_batches: int | None = None,
         penalty: float = 0.1,
         per_module: bool = False,
         rounds: int = 2,
     ) -> None:
         self.candidates = validate_candidates(candidates)
-        self.trial_steps = check_int(trial_steps, "trial_steps", 1, "Each trial needs at least one optimizer step.")
-        self.val_batches = check_int(val_batches, "val_batches", 1, "Each trial is scored on validation batches.")
+        for name, value in (("trial_steps", trial_steps), ("val_batches", val_batches)):
+            if value is not None:
+                check_int(value, name, 1, "Each trial needs at least one step and one validation batch; None adapts.")
+        # As asked (None: the default, or what the data offers at fit start), and as used.
+        self.requested = {"trial_steps": trial_steps, "val_batches": val_batches}
+        self.trial_steps = DEFAULT_TRIAL_STEPS if trial_steps is None else trial_steps
+        self.val_batches = DEFAULT_VAL_BATCHES if val_batches is None else val_batches
         self.penalty = validate_penalty(penalty)
         if not isinstance(per_module, bool):
             raise ValueError(f"`per_module` must be True or False; got {per_module!r}.")
@@ -109,7 +126,7 @@ class AdaptiveRankSearch(Callback):
         count = sum(isinstance(cb, AdaptiveRankSearch) for cb in trainer.callbacks)
         if count > 1:
             raise ValueError(f"AdaptiveRankSearch was added {count} times; keep exactly one in `callbacks`.")
-        check_strategies(trainer)
+        self.begin_setup(trainer, pl_module, stage)
         lora = _lora_callback(trainer)
         if not pl_module.automatic_optimization:
             raise RuntimeError(
@@ -236,6 +253,7 @@ class AdaptiveRankSearch(Callback):
         why = "trials train on the training data and are scored on validation batches"
         train = fit_dataloader(trainer, trainer.fit_loop._data_source, RunningStage.TRAINING, _WHO, why)
         val = fit_dataloader(trainer, trainer.fit_loop.epoch_loop.val_loop._data_source, RunningStage.VALIDATING, _WHO, why)
+        self._fit_to_data(trainer, train, val)
         longest = self.schedule[-1][0]
         setting = f"{longest} steps in round {len(self.schedule)}" + (
             f" x accumulate_grad_batches={accumulate}" if accumulate > 1 else ""
@@ -243,6 +261,29 @@ class AdaptiveRankSearch(Callback):
         _check_length(trainer, train, longest * accumulate, "training", setting, "trial_steps or rounds")
         _check_length(trainer, val, self.val_batches, "validation", f"val_batches={self.val_batches}", "val_batches")
         return train, val
+
+    def _fit_to_data(self, trainer: pl.Trainer, train: CombinedLoader, val: CombinedLoader) -> None:
+        """Unset counts take what one pass of the data offers (within the limits), said once."""
+        if self.requested["trial_steps"] is None:
+            available = usable_batches(trainer, train, RunningStage.TRAINING)
+            per_step = trainer.accumulate_grad_batches
+            steps = DEFAULT_TRIAL_STEPS
+            while steps > 1 and available is not None and self._longest(steps) * per_step > available:
+                steps -= 1
+            if steps < DEFAULT_TRIAL_STEPS:
+                rank_zero_warn(
+                    f"{_WHO}: the training data gives {available} batches (within limit_train_batches), fewer than"
+                    f" the default trial_steps={DEFAULT_TRIAL_STEPS} needs in its longest round; using trial_steps={steps}"
+                    f" (the longest round trains {self._longest(steps)} steps). Set trial_steps to choose."
+                )
+            self.trial_steps = steps
+        if self.requested["val_batches"] is None:
+            available = usable_batches(trainer, val, RunningStage.VALIDATING)
+            self.val_batches = batch_count("val_batches", None, DEFAULT_VAL_BATCHES, available, _WHO, "validation")
+        self.schedule = halving_schedule(len(self.candidates), self.rounds, self.trial_steps)
+
+    def _longest(self, trial_steps: int) -> int:
+        return halving_schedule(len(self.candidates), self.rounds, trial_steps)[-1][0]
 
     def _trial(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, train: CombinedLoader, val: CombinedLoader,
@@ -307,15 +348,17 @@ def _build(pl_module: pl.LightningModule, lora: LoRA, targets: list[str], ranks:
 def _check_length(
     trainer: pl.Trainer, loader: CombinedLoader, needed: int, what: str, setting: str, fix: str
 ) -> None:
-    lengths = [sized_len(dl) for dl in loader.flattened]
-    if None in lengths:
+    stage = RunningStage.TRAINING if what == "training" else RunningStage.VALIDATING
+    available = usable_batches(trainer, loader, stage)
+    if available is None:
         return  # not sized: take_batches reports it if the data runs out
-    available = max(lengths) if what == "training" else sum(lengths)
     if needed > available:
         where = f" on each of {trainer.world_size} processes" if trainer.world_size > 1 else ""
+        limit = trainer.limit_train_batches if stage == RunningStage.TRAINING else trainer.limit_val_batches
+        limited = f" (within limit_{'train' if stage == RunningStage.TRAINING else 'val'}_batches={limit})" if isinstance(limit, int) or limit < 1.0 else ""
         raise ValueError(
             f"AdaptiveRankSearch: a trial needs {needed} {what} batches ({setting}), but the {what} data has"
-            f" {available}{where}. Lower {fix} or use more data."
+            f" {available}{where}{limited}. Lower {fix}, leave it unset to use what there is, or use more data."
         )
 
 

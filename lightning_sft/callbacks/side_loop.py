@@ -15,8 +15,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.connectors.data_connector import _process_dataloader, _request_dataloader
+from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 
 
 def fit_dataloader(trainer: pl.Trainer, source: Any, stage: RunningStage, who: str, why: str) -> CombinedLoader:
@@ -31,6 +32,41 @@ def fit_dataloader(trainer: pl.Trainer, source: Any, stage: RunningStage, who: s
     combined = CombinedLoader(_request_dataloader(source), mode)
     combined.flattened = [_process_dataloader(trainer, TrainerFn.FITTING, stage, dl) for dl in combined.flattened]
     return combined
+
+
+def usable_batches(trainer: pl.Trainer, loader: CombinedLoader, stage: RunningStage) -> int | None:
+    """Batches one pass of ``loader`` gives within the Trainer's ``limit_train_batches`` /
+    ``limit_val_batches`` (an int caps the count, a float takes that fraction); None if not sized.
+    A limit of 0 turns Lightning's own loop off, not the data, so it bounds nothing here."""
+    lengths = [sized_len(dl) for dl in loader.flattened]
+    if None in lengths:
+        return None
+    total = max(lengths) if stage == RunningStage.TRAINING else sum(lengths)
+    limit = trainer.limit_train_batches if stage == RunningStage.TRAINING else trainer.limit_val_batches
+    if not limit:
+        return total
+    return min(total, limit) if isinstance(limit, int) else int(total * limit)
+
+
+def batch_count(name: str, requested: int | None, default: int, available: int | None, who: str, what: str) -> int:
+    """How many batches a side loop reads: ``requested`` if the data (within the limits) meets it, else an
+    error; unset (None), ``default`` or what the data offers if that is less, said once on rank zero."""
+    if requested is not None:
+        if available is not None and requested > available:
+            raise ValueError(
+                f"{who}: `{name}={requested}` needs {requested} {what} batches, but the {what} data gives {available}"
+                f" (within limit_*_batches). Lower {name}, or leave it unset to use what there is."
+            )
+        return requested
+    if available is None or available >= default:
+        return default
+    if available < 1:
+        raise ValueError(f"{who} needs {what} batches, and the {what} data (within limit_*_batches) has none.")
+    rank_zero_warn(
+        f"{who}: the {what} data gives {available} batches (within limit_*_batches), fewer than the default"
+        f" {name}={default}; using {name}={available}. Set {name} to choose."
+    )
+    return available
 
 
 def take_batches(loader: CombinedLoader, count: int, what: str, who: str, fix: str) -> Iterator[tuple[int, Any]]:

@@ -12,16 +12,23 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_sft.adapters.injection import lora_layers, replace_submodule
 from lightning_sft.adapters.targeting import ALL_LINEAR, select_targets, validate_target_spec
+from lightning_sft.callbacks.base import SFTCallback
 from lightning_sft.callbacks.contextual_sparsity import ContextualSparsity
 from lightning_sft.callbacks.lora import LoRA
-from lightning_sft.callbacks.side_loop import fit_dataloader, outside_the_fit, step_loss, take_batches
+from lightning_sft.callbacks.side_loop import (
+    batch_count,
+    fit_dataloader,
+    outside_the_fit,
+    step_loss,
+    take_batches,
+    usable_batches,
+)
 from lightning_sft.rng import capture_rng, restore_rng
 from lightning_sft.sharding import full_tensor, unsharded, write_full
 from lightning_sft.sparse_ft.delta_layer import SparseDeltaLinear, sparse_delta_layers
@@ -37,15 +44,16 @@ from lightning_sft.sparse_ft.selection import (
     validate_fraction,
     validate_selection,
 )
-from lightning_sft.strategies import WHOLE_WEIGHTS, WHOLE_WEIGHTS_REFUSAL, check_strategies
+from lightning_sft.strategies import WHOLE_WEIGHTS, WHOLE_WEIGHTS_REFUSAL
 from lightning_sft.validation import check_int
 
 _WHO = "SparseFineTuning"
+DEFAULT_SCORE_BATCHES = 8
 # Mixes the seed and the reselection count into one generator seed (a large odd multiplier).
 _SEED_STRIDE = 0x9E3779B97F4A7C15
 
 
-class SparseFineTuning(Callback):
+class SparseFineTuning(SFTCallback):
     """Fine-tune only ``density`` of the entries of each targeted weight, chosen before training.
 
     Each targeted layer gets a ``SparseDeltaLinear`` wrapper holding (indices, values): only the
@@ -64,7 +72,8 @@ class SparseFineTuning(Callback):
             ``None`` keeps the first choice.
         regrow_fraction: the fraction of entries swapped at each reselection, in (0, 1).
         score_batches: training batches whose gradients score the entries: before the fit for
-            ``fisher``/``grad``, and the last steps before each reselection.
+            ``fisher``/``grad``, and the last steps before each reselection. None: 8 (at most
+            ``reselect_every``), or the training batches within ``limit_train_batches`` if fewer.
         seed: seed of the ``random`` selection; default: the global seed of rank 0.
 
     Runs on one device and under DDP, FSDP2 and DeepSpeed: the sparse-delta layers exist before the
@@ -83,14 +92,15 @@ class SparseFineTuning(Callback):
         exclude_modules: str | Sequence[str] | None = None,
         reselect_every: int | None = None,
         regrow_fraction: float = 0.2,
-        score_batches: int = 8,
+        score_batches: int | None = None,
         seed: int | None = None,
     ) -> None:
         validate_density(density)
         validate_selection(selection)
         validate_target_spec(target_modules, "target_modules")
         validate_target_spec(exclude_modules, "exclude_modules")
-        check_int(score_batches, "score_batches", 1, "8 batches usually rank entries well.")
+        if score_batches is not None:
+            check_int(score_batches, "score_batches", 1, "8 batches usually rank entries well; None uses up to 8.")
         if reselect_every is not None:
             check_int(reselect_every, "reselect_every", 1, "Use None to keep the first selection.")
             if selection == "weight":
@@ -98,7 +108,7 @@ class SparseFineTuning(Callback):
                     "selection='weight' with reselect_every: the frozen weights never change, so a reselection"
                     " has nothing new to rank by. Use selection='fisher' or 'grad', or reselect_every=None."
                 )
-            if score_batches > reselect_every:
+            if score_batches is not None and score_batches > reselect_every:
                 raise ValueError(
                     f"`score_batches={score_batches}` must be <= `reselect_every={reselect_every}`: the scores of a"
                     " reselection come from the steps since the previous one."
@@ -114,6 +124,10 @@ class SparseFineTuning(Callback):
         self.reselect_every = reselect_every
         self.regrow_fraction = regrow_fraction
         self.score_batches = score_batches
+        # The scoring window: as given, or the default within reselect_every (the data may cut it at fit start).
+        self._score_window = (
+            score_batches if score_batches is not None else min(DEFAULT_SCORE_BATCHES, reselect_every or DEFAULT_SCORE_BATCHES)
+        )
         self.seed = seed
         self.tuned_modules: list[str] = []
         self._selected = False
@@ -125,7 +139,7 @@ class SparseFineTuning(Callback):
     # -- set-up -------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategies(trainer)
+        self.begin_setup(trainer, pl_module, stage)
         if sum(isinstance(cb, SparseFineTuning) for cb in trainer.callbacks) > 1:
             raise ValueError(f"{_WHO} was added more than once; keep exactly one in `callbacks`.")
         if any(isinstance(cb, LoRA) for cb in trainer.callbacks) or lora_layers(pl_module):
@@ -178,7 +192,9 @@ class SparseFineTuning(Callback):
         self._observe(layers)
         try:
             with outside_the_fit(pl_module):
-                for index, batch in take_batches(loader, self.score_batches, "training", _WHO, "`score_batches`"):
+                available = usable_batches(trainer, loader, RunningStage.TRAINING)
+                count = batch_count("score_batches", self.score_batches, self._score_window, available, _WHO, "training")
+                for index, batch in take_batches(loader, count, "training", _WHO, "`score_batches`"):
                     step_loss(trainer, pl_module, batch, index, trainer.precision_plugin.forward_context, _WHO).backward()
         finally:
             self._observe(layers, on=False)
@@ -193,7 +209,7 @@ class SparseFineTuning(Callback):
         if self.reselect_every is None:
             return
         step = trainer.global_step + 1  # the optimizer step this batch contributes to
-        scoring = (step - 1) % self.reselect_every >= self.reselect_every - self.score_batches
+        scoring = (step - 1) % self.reselect_every >= self.reselect_every - self._score_window
         self._observe(sparse_delta_layers(pl_module), on=scoring and self.selection in GRADIENT_SELECTIONS)
 
     def on_train_batch_end(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_sft.atomic_io import atomic_path
+from lightning_sft.usage import UsageParser
 from lightning_sft.validation import int_at_least
 from lightning_sft.federated.aggregation import WEIGHTINGS
 from lightning_sft.federated.arithmetic import arithmetic_task, write_partitions
@@ -146,7 +147,7 @@ def report_json(result: FederatedResult, counts: list[dict[str, int]]) -> dict[s
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="lightning-sft federated",
         description="Simulate federated LoRA fine-tuning of the embedded arithmetic task with Flower: clients on a"
         " non-IID split, per-client layer dropout, personal layers. See docs/federated.md.",

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from lightning_sft.assets import SHIPPED_MODELS
+from lightning_sft.usage import UsageParser
 from lightning_sft.validation import int_at_least
 from lightning_sft.memory.estimate import COMPONENTS
 from lightning_sft.memory.planner import GIB, PLAN_METHODS, QLORA_OVERHEAD, RESERVED_BYTES, ZERO3_OVERHEAD, NothingFits, Plan, plan
@@ -36,7 +37,7 @@ def _methods(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="lightning-sft plan",
         description="Estimate the memory of fine-tuning recipes (full, LoRA, QLoRA, sparse FT; gradient checkpointing,"
         " 8-bit AdamW, ZeRO) for a model on a GPU budget, and recommend the fastest that fits. See docs/memory.md.",

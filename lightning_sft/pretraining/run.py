@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -18,6 +17,7 @@ from lightning_sft.callbacks import EfficiencyMonitor
 from lightning_sft.modules import CausalLM
 from lightning_sft.pretraining.corpus import build_corpus
 from lightning_sft.pretraining.tokenizer import train_tokenizer
+from lightning_sft.usage import UsageParser
 
 
 class _Blocks(torch.utils.data.Dataset):
@@ -119,7 +119,7 @@ def pretrain(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lightning-sft pretrain", description=__doc__)
+    parser = UsageParser(prog="lightning-sft pretrain", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="directory for the model, tokenizer and record")
     parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--batch-size", type=int, default=16)

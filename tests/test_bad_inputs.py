@@ -1,0 +1,156 @@
+"""The bad-input table of docs/bad_inputs.md, generated from these cases: every public callback and CLI
+command, what the user sees, and the state afterwards, each checked here
+(``LSFT_WRITE_DOCS=1 python3 -m pytest tests/test_bad_inputs.py`` rewrites the table)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+
+import sharded_cases as cases
+from generated_docs import check_generated
+from lightning_sft import (
+    AdaptiveRankSearch,
+    AttentionImplementation,
+    ContextualSparsity,
+    EfficiencyMonitor,
+    EightBitOptimizer,
+    GradientCheckpointing,
+    LayerDropout,
+    LoRA,
+    SparseFineTuning,
+)
+from lightning_sft.cli import main
+from lightning_sft.strategies import FSDP2Strategy
+from test_failed_fit import _assert_same, _state
+
+ROWS: dict[str, tuple[str, str, str, str]] = {}
+
+
+@dataclass(frozen=True)
+class Case:
+    component: str
+    shown: str  # the bad input as the user writes it
+    run: Callable[[], Any]  # constructs (and fits, for `fit=True`) what the user wrote
+
+
+def _fit(*callbacks: pl.Callback) -> None:
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, callbacks=list(callbacks), logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(_MODULE, cases.loader(8), cases.loader(8))
+
+
+_MODULE = cases.UserModule()  # replaced per case; the fits below use the current one
+
+CONSTRUCTION = [
+    Case("LoRA", "LoRA(r=0)", lambda: LoRA(r=0)),
+    Case("AdaptiveRankSearch", "AdaptiveRankSearch(candidates=())", lambda: AdaptiveRankSearch(candidates=())),
+    Case("LayerDropout", "LayerDropout(rate=1.5)", lambda: LayerDropout(rate=1.5)),
+    Case("SparseFineTuning", "SparseFineTuning(density=0)", lambda: SparseFineTuning(density=0)),
+    Case("GradientCheckpointing", 'GradientCheckpointing(blocks="model.layers")',
+         lambda: GradientCheckpointing(blocks="model.layers")),
+    Case("AttentionImplementation", 'AttentionImplementation("flash")', lambda: AttentionImplementation("flash")),
+    Case("EightBitOptimizer", "EightBitOptimizer(min_8bit_size=-1)", lambda: EightBitOptimizer(min_8bit_size=-1)),
+    Case("EfficiencyMonitor", "EfficiencyMonitor(tokens_fn=3)", lambda: EfficiencyMonitor(tokens_fn=3)),
+    Case("ContextualSparsity", 'ContextualSparsity(strategy="bogus")', lambda: ContextualSparsity(strategy="bogus")),
+]
+AT_FIT = [
+    Case("LoRA", 'LoRA(target_modules=["nope"])', lambda: _fit(LoRA(target_modules=["nope"]))),
+    Case("AdaptiveRankSearch", "AdaptiveRankSearch() without LoRA", lambda: _fit(AdaptiveRankSearch())),
+    Case("LayerDropout", "LayerDropout(protect_first=2, protect_last=2) after LoRA(), on 2 blocks",
+         lambda: _fit(LoRA(r=2), LayerDropout(protect_first=2, protect_last=2))),
+    Case("SparseFineTuning", "SparseFineTuning() with LoRA()", lambda: _fit(LoRA(r=2), SparseFineTuning())),
+    Case("GradientCheckpointing", 'GradientCheckpointing(blocks=["nope"]) after LoRA()',
+         lambda: _fit(LoRA(r=2), GradientCheckpointing(blocks=["nope"]))),
+    Case("AttentionImplementation", 'AttentionImplementation("flash_attention_2") on CPU',
+         lambda: _fit(AttentionImplementation("flash_attention_2"))),
+    Case("ContextualSparsity", 'ContextualSparsity(mlp_sparsity="auto", dense_layers=(), dense_warmup=0) with LoRA()',
+         lambda: _fit(LoRA(r=2), ContextualSparsity(mlp_sparsity="auto", dense_layers=(), dense_warmup=0))),
+    Case("EightBitOptimizer", 'EightBitOptimizer() under strategy="fsdp2"',
+         lambda: _setup_under(FSDP2Strategy(), LoRA(r=2), EightBitOptimizer())),
+]
+CLI = [
+    ("fit", ["fit", "--lora.r", "-1"]),
+    ("fit", ["fit", "--sparsity", "bogus"]),
+    ("fit", ["fit", "--model.model", "/nonexistent/dir"]),
+    ("validate", ["validate", "--nope"]),
+    ("test", ["test", "--trainer.devices", "0"]),
+    ("bench", ["bench", "nope"]),
+    ("diff", ["diff", "inspect", "/nonexistent.safetensors"]),
+    ("federated", ["federated", "--clients", "0"]),
+    ("plan", ["plan", "--model", "llama-3.1-8b", "--gpu-mem", "0.5GB"]),
+    ("pretrain", ["pretrain", "--steps", "10"]),
+    ("report", ["report", "/nonexistent"]),
+]
+
+
+def _setup_under(strategy: Any, *callbacks: pl.Callback) -> None:
+    """The callbacks' set-up as a fit under ``strategy`` runs it (a 2-process launch is test_fsdp2's)."""
+    trainer = SimpleNamespace(strategy=strategy, callbacks=list(callbacks))
+    for callback in callbacks:
+        callback.setup(trainer, _MODULE, "fit")
+
+
+def _seen(error: BaseException) -> str:
+    return f"`{type(error).__name__}`: {' '.join(str(error).split())}"
+
+
+@pytest.mark.parametrize("case", CONSTRUCTION, ids=lambda c: c.shown)
+def test_a_bad_argument_is_refused_at_construction(case: Case) -> None:
+    with pytest.raises((ValueError, TypeError)) as caught:
+        case.run()
+    assert str(caught.value)
+    ROWS[case.shown] = (case.component, f"`{case.shown}`", _seen(caught.value), "nothing was built")
+
+
+@pytest.mark.parametrize("case", AT_FIT, ids=lambda c: c.shown)
+def test_a_refusal_at_fit_leaves_the_module_as_it_was(case: Case) -> None:
+    global _MODULE
+    _MODULE = cases.UserModule()
+    before = _state(copy.deepcopy(_MODULE))
+    with pytest.raises((ValueError, TypeError, RuntimeError, ImportError)) as caught:
+        case.run()
+    _assert_same(_state(_MODULE), before)
+    ROWS[case.shown] = (case.component, f"`{case.shown}`, at `fit`", _seen(caught.value), "the module as it was")
+
+
+@pytest.mark.parametrize(("command", "argv"), CLI, ids=[" ".join(argv) for _, argv in CLI])
+def test_a_cli_usage_error_is_one_line_and_exit_2(command: str, argv: list[str], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LSFT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("lightning-sft")]
+    assert len(lines) == 1 and ": error: " in lines[0]
+    assert "Traceback" not in err
+    assert not any(tmp_path.iterdir()), "a failed command wrote files"
+    ROWS[" ".join(argv)] = (f"`lightning-sft {command}`", f"`lightning-sft {' '.join(argv)}`",
+                            f"exit 2: {lines[0]}", "nothing written")
+
+
+def _table() -> str:
+    lines = ["| component | bad input | what the user sees | state afterwards |", "|---|---|---|---|"]
+    for component, shown, seen, state in ROWS.values():
+        lines.append(f"| {component} | {shown} | {seen.replace('|', '/')} | {state} |")
+    return "\n".join(lines)
+
+
+def test_the_docs_table_is_generated_from_these_cases() -> None:
+    if len(ROWS) != len(CONSTRUCTION) + len(AT_FIT) + len(CLI):
+        pytest.skip("needs the whole module's results (run the file, not one test)")
+    callbacks = {c.component for c in CONSTRUCTION} | {c.component for c in AT_FIT}
+    import lightning_sft.callbacks as public
+
+    assert callbacks == set(public.__all__)  # every public callback has a row
+    check_generated("bad_inputs.md", "bad-input table", _table(), "tests/test_bad_inputs.py")
