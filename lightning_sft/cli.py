@@ -57,8 +57,6 @@ PLAIN_SUBCOMMANDS = {
 
 # Callbacks on by default, configured by `--<key>.*` and switched off by `--no_<key>`.
 DEFAULT_CALLBACKS: dict[str, type[Callback]] = {"lora": LoRA, "efficiency": EfficiencyMonitor}
-# A default callback is left out when one of these is in the run: they train the same weights another way.
-REPLACED_BY: dict[type[Callback], tuple[type[Callback], ...]] = {LoRA: (SparseFineTuning,)}
 
 
 @dataclass(frozen=True)
@@ -323,7 +321,8 @@ class SFTCLI(LightningCLI):
                 extra.append(callback)
         chosen = present + extra
         for callback in list(extra):
-            replacing = [cb for cb in chosen if isinstance(cb, REPLACED_BY.get(type(callback), ()))]
+            # A default the run's other callbacks exclude (LoRA beside SparseFineTuning) is left out.
+            replacing = [cb for cb in chosen if type(callback).__name__ in getattr(type(cb), "excludes", {})]
             if replacing:
                 replaced, by = type(callback).__name__, type(replacing[0]).__name__
                 rank_zero_info(f"{by} is on, so the default {replaced} is not added.")

@@ -136,7 +136,7 @@ def shard_by_block(
     module (adapters, sparse deltas and checkpointed forwards are sharded with it); returns the units."""
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_sft.layer_dropout.stacks import find_stacks
+    from lightning_sft.anatomy.stacks import find_stacks
 
     units = list(blocks) if blocks is not None else [block for _, stack in find_stacks(model) for block in stack]
     for unit in units:

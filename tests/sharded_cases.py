@@ -337,3 +337,4 @@ if __name__ == "__main__":
             run_case(args.out, case, name)
     if args.compare and torch.distributed.get_rank() == 0:
         print(compare(args.out, [c for c in chosen if c != "tensor_parallel"], strategies))
+    torch.distributed.destroy_process_group()  # stop gloo's threads before the interpreter exits

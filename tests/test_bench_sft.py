@@ -14,7 +14,7 @@ import torch
 from lightning_sft import LoRA, SparseFineTuning
 from lightning_sft.adapters.injection import inject_lora
 from lightning_sft.bench import main, sparse_ft
-from lightning_sft.callbacks.sparse_finetuning import inject_sparse_deltas
+from lightning_sft.sparse_ft.injection import inject_sparse_deltas
 from lightning_sft.cli import SFTCLI
 from lightning_sft.modules.causal_lm import build_model
 from lightning_sft.sparse_ft import save_diff, sparse_delta_layers

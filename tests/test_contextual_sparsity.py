@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_sft import ContextualSparsity, EfficiencyMonitor, LoRA
-from lightning_sft.callbacks.contextual_sparsity import context_mask_from_labels
+from lightning_sft.sparsity.context import context_mask_from_labels
 from lightning_sft.data import RandomTokenData
 from lightning_sft.modules import CausalLM
 from lightning_sft.sparsity import sparse_blocks

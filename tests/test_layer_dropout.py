@@ -23,7 +23,7 @@ from lightning_sft.layer_dropout.schedules import (
     expected_drop_fraction,
     rate_at,
 )
-from lightning_sft.layer_dropout.stacks import attention_width, block_step_flops, find_stacks
+from lightning_sft.anatomy.stacks import attention_width, block_step_flops, find_stacks
 from lightning_sft.modules import CausalLM
 from tests import tiny_models
 from tests.ddp_helpers import run_ddp_and_compare_adapters

@@ -418,6 +418,6 @@ def test_callback_refuses_a_bad_quantize_value_and_sparse_finetuning(tmp_path) -
         LoRA(quantize="int4")
     module = TinyLlama()
     before = _snapshot(module)
-    with pytest.raises(ValueError, match="cannot run with sparse fine-tuning"):
+    with pytest.raises(ValueError, match="LoRA cannot run with SparseFineTuning: quantize='nf4': sparse fine-tuning trains entries"):
         _trainer(tmp_path, 1, [LoRA(quantize="nf4"), SparseFineTuning(density=0.1)]).fit(module, _loader())
     assert _snapshot(module) == before

@@ -32,7 +32,7 @@ from lightning_sft import (
     set_attention_implementation,
 )
 from lightning_sft.cli import SFTCLI
-from lightning_sft.layer_dropout.stacks import find_stacks
+from lightning_sft.anatomy.stacks import find_stacks
 from lightning_sft.modules import CausalLM
 from lightning_sft.modules.causal_lm import lr_factor
 from lightning_sft.recipes import checkpointing, rebind_scheduler
@@ -300,9 +300,12 @@ def test_eight_bit_callback_refusals() -> None:
     optimizer = EightBitOptimizer()
     with pytest.raises(RuntimeError, match=r"does not run under FSDP \(FSDPStrategy\): bitsandbytes' 8-bit optimizers"):
         optimizer.setup(_trainer_with(FSDPStrategy(), optimizer), CausalLM(model="tiny-llama"), "fit")
-    regrowing = types.SimpleNamespace(strategy=DDPStrategy(), callbacks=[SparseFineTuning(reselect_every=8)])
-    with pytest.raises(ValueError, match="reselect_every=None"):
-        EightBitOptimizer().setup(regrowing, CausalLM(model="tiny-llama"), "fit")
+    eight_bit = EightBitOptimizer()
+    regrowing = types.SimpleNamespace(strategy=DDPStrategy(), callbacks=[eight_bit, SparseFineTuning(reselect_every=8)])
+    with pytest.raises(ValueError, match="EightBitOptimizer cannot run with SparseFineTuning: .* reselect_every=None"):
+        eight_bit.setup(regrowing, CausalLM(model="tiny-llama"), "fit")
+    fixed = types.SimpleNamespace(strategy=DDPStrategy(), callbacks=[eight_bit, SparseFineTuning()])
+    eight_bit.setup(fixed, CausalLM(model="tiny-llama"), "fit")  # without regrowth they go together
     with pytest.raises(ValueError, match="min_8bit_size"):
         EightBitOptimizer(min_8bit_size=-1)
 

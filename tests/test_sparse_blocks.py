@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from family_models import FAMILIES, FamilyModule, SparsityRecorder, build, token_batches
 from lightning_sft import ContextualSparsity, LoRA, LoRAConfig, inject_lora, lora_layers, merge_adapter, unmerge_adapter
-from lightning_sft.adapters.linear_layers import linear_features
+from lightning_sft.anatomy.linear import linear_features
 from lightning_sft.anatomy import BlockAnatomy, describe
 from lightning_sft.sparsity import (
     SparseBlock,

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lightning_sft import LoRAConfig, inject_lora, merge_adapter
-from lightning_sft.callbacks.sparse_finetuning import inject_sparse_deltas
+from lightning_sft.sparse_ft.injection import inject_sparse_deltas
 from lightning_sft.cli import main as cli_main
 from lightning_sft.fingerprint import base_parameters, fingerprint_tensors
 from lightning_sft.sparse_ft import (

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_sft import ContextualSparsity, LoRA, SparseFineTuning
-from lightning_sft.callbacks.sparse_finetuning import inject_sparse_deltas
+from lightning_sft.sparse_ft.injection import inject_sparse_deltas
 from lightning_sft.cli import SFTCLI
 from lightning_sft.data import RandomTokenData
 from lightning_sft.modules import CausalLM

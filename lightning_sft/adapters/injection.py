@@ -13,6 +13,7 @@ from torch import nn
 from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.adapters.quantization import is_quantized
 from lightning_sft.adapters.targeting import ALL_LINEAR, TargetSpec, select_targets, validate_target_spec
+from lightning_sft.anatomy.modules import replace_submodule
 from lightning_sft.fingerprint import fingerprint_base
 
 
@@ -76,12 +77,6 @@ def _check_alpha(value: Any, argument: str) -> None:
 def lora_layers(root: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRA layer under ``root`` by its name relative to ``root``."""
     return {name: m for name, m in root.named_modules() if isinstance(m, LoRALinear)}
-
-
-def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def inject_lora(root: nn.Module, config: LoRAConfig, generator: torch.Generator | None = None) -> list[str]:

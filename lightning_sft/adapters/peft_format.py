@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lightning_sft.adapters.injection import base_fingerprint, inject_structure, lora_layers
-from lightning_sft.adapters.linear_layers import is_supported_linear, linear_features, weight_is_transposed
+from lightning_sft.anatomy.linear import is_supported_linear, linear_features, weight_is_transposed
 from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.atomic_io import atomic_path
 from lightning_sft.sharding import first_rank_writes, fsdp1_full_parameters, full_tensor, has_sharded_parameters

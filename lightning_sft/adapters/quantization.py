@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from lightning_sft.adapters.linear_layers import is_supported_linear, weight_is_transposed
+from lightning_sft.anatomy.linear import is_supported_linear, weight_is_transposed
 from lightning_sft.adapters.targeting import ALL_LINEAR, TargetSpec, output_head_names, validate_target_spec
 from lightning_sft.fingerprint import SOURCE_SAMPLE, tensor_sample
 from lightning_sft.kernels.dispatch import keep_slice

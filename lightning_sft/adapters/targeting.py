@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lightning_sft.adapters.linear_layers import is_supported_linear
+from lightning_sft.anatomy.linear import is_supported_linear
 
 ALL_LINEAR = "all-linear"
 TargetSpec = str | Sequence[str]

@@ -1,33 +1,30 @@
-"""Finding things in a user's model by structure, not by class: the channel groups of its MLP and
-attention blocks (which rows of which projections produce a channel, which columns consume it).
+"""Finding things in a user's model by structure, not by class: which layers are linear and their
+shapes (``linear``), the stacks of residual blocks (``stacks``), the channel groups of its MLP and
+attention blocks (``channels``: which rows of which projections produce a channel, which columns
+consume it), and replacing a submodule by name (``modules``).
 
-Pure torch (no Lightning). See ``docs/contextual_sparsity.md`` ("Adding a model family").
+Pure torch (no Lightning). Every method imports its structural facts from here. The names below are
+loaded on first use, so ``lightning_sft.anatomy.linear`` can be imported by the adapters that
+``channels`` itself unwraps. See ``docs/contextual_sparsity.md`` ("Adding a model family").
 """
 
-from lightning_sft.anatomy.channels import (
-    ATTENTION_LAYOUTS,
-    MLP_LAYOUTS,
-    AttentionLayout,
-    BlockAnatomy,
-    ChannelGroup,
-    MLPLayout,
-    ModelAnatomy,
-    Part,
-    Slice,
-    describe,
-    projection_base,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ATTENTION_LAYOUTS",
-    "MLP_LAYOUTS",
-    "AttentionLayout",
-    "BlockAnatomy",
-    "ChannelGroup",
-    "MLPLayout",
-    "ModelAnatomy",
-    "Part",
-    "Slice",
-    "describe",
-    "projection_base",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ATTENTION_LAYOUTS": "channels", "MLP_LAYOUTS": "channels", "AttentionLayout": "channels",
+    "BlockAnatomy": "channels", "ChannelGroup": "channels", "MLPLayout": "channels", "ModelAnatomy": "channels",
+    "Part": "channels", "Slice": "channels", "describe": "channels", "projection_base": "channels",
+    "find_stacks": "stacks", "replace_submodule": "modules",
+    "is_supported_linear": "linear", "linear_features": "linear", "weight_is_transposed": "linear",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_sft.anatomy' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lightning_sft.anatomy.{_EXPORTS[name]}"), name)

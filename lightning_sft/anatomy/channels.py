@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_sft.adapters.linear_layers import _conv1d_type, linear_features, weight_is_transposed
+from lightning_sft.anatomy.linear import conv1d_type, linear_features, weight_is_transposed
 from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.adapters.quantization import dense_view, is_quantized
 
@@ -39,7 +39,7 @@ LINEAR_EQUIVALENTS: frozenset[str] = frozenset({"FalconLinear"})
 
 def _is_exact_linear(module: nn.Module) -> bool:
     kind = type(module)
-    if kind is nn.Linear or kind is _conv1d_type():
+    if kind is nn.Linear or kind is conv1d_type():
         return True
     return kind.__name__ in LINEAR_EQUIVALENTS and kind.__module__.startswith("transformers.") and isinstance(
         module, nn.Linear

@@ -86,6 +86,8 @@ def worker(out: Path, steps: int, batch: int) -> None:
     torch.distributed.all_gather_object(per_rank, rank_bytes(module, trainer.optimizers))
     if trainer.global_rank == 0:
         (out / "fsdp2.json").write_text(json.dumps({"losses": losses, "rank_bytes": per_rank}))
+    # Gloo's threads must stop before the interpreter does, or its exit can abort ("terminate called").
+    torch.distributed.destroy_process_group()
 
 
 def one_process(steps: int, batch: int) -> list[float]:

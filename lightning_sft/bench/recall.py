@@ -22,7 +22,7 @@ import torch
 
 from lightning_sft.bench.common import run_and_report
 from lightning_sft.validation import int_at_least
-from lightning_sft.callbacks.contextual_sparsity import context_mask_from_labels
+from lightning_sft.sparsity.context import context_mask_from_labels
 from lightning_sft.anatomy import describe
 from lightning_sft.sparsity import build_estimator, kept_counts, recall
 from lightning_sft.sparsity.calibration import InputStatistics

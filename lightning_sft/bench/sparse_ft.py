@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lightning_sft.adapters.targeting import ALL_LINEAR, select_targets
-from lightning_sft.adapters.linear_layers import linear_features
+from lightning_sft.anatomy.linear import linear_features
 from lightning_sft.assets import SHIPPED_MODELS
 from lightning_sft.bench.common import build_llama, main_job_summary, run_and_report
 from lightning_sft.validation import int_at_least

@@ -30,7 +30,7 @@ from lightning_sft.adapters import LoRAConfig, inject_lora
 from lightning_sft.bench.common import build_llama, run_and_report
 from lightning_sft.validation import int_at_least
 from lightning_sft.bench.timing import interleaved, paired_ratios, summarize
-from lightning_sft.callbacks.contextual_sparsity import context_mask_from_labels
+from lightning_sft.sparsity.context import context_mask_from_labels
 from lightning_sft.anatomy import describe
 from lightning_sft.sparsity import SparsityState, resolve_layer_sparsity, sparse_blocks, sparsify
 from lightning_sft.tasks.exact_match import IGNORE_INDEX

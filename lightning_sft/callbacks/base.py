@@ -12,6 +12,10 @@
 from __future__ import annotations
 
 
+from collections import Counter
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -36,10 +40,21 @@ class SFTCallback(Callback):
 
     strategies: frozenset[str] = ALL_KINDS
     strategy_refusal: str = ""
+    # The callbacks of ours (by class name) this one cannot run with, and why; those it cannot run with
+    # under a setting of its own, as (the setting, why); those it needs, and why.
+    excludes: Mapping[str, str] = MappingProxyType({})
+    excludes_when: Mapping[str, tuple[str, str]] = MappingProxyType({})
+    requires: Mapping[str, str] = MappingProxyType({})
+
+    def conflict_with(self, other: SFTCallback) -> str | None:
+        """Why this callback cannot run with ``other`` (None: it can). ``excludes`` always applies; a
+        subclass declaring ``excludes_when`` says here whether its settings make the conflict."""
+        return type(self).excludes.get(type(other).__name__)
 
     def begin_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse an unsupported strategy, then (once per fit) take the restore point."""
+        """Refuse an unsupported strategy or combination, then (once per fit) take the restore point."""
         check_strategies(trainer)
+        check_combination(trainer)
         if stage == "fit" and getattr(trainer, _POINT, None) is None:
             ours = [cb for cb in trainer.callbacks if isinstance(cb, SFTCallback)]
             setattr(trainer, _POINT, RestorePoint(pl_module, ours, keep_root=_LIGHTNING_ATTRIBUTES))
@@ -55,3 +70,42 @@ class SFTCallback(Callback):
         setattr(trainer, _POINT, None)
         if point is not None:
             point.restore()
+
+
+def check_combination(trainer: pl.Trainer) -> None:
+    """Refuse, from the callbacks' declarations, one added twice, one missing what it needs, or two that
+    cannot run together; whichever callback sets up first, before any has changed the module."""
+    ours = [cb for cb in trainer.callbacks if isinstance(cb, SFTCallback)]
+    for cls, count in Counter(type(cb) for cb in ours).items():
+        if count > 1:
+            raise ValueError(f"{cls.__name__} was added {count} times; keep exactly one in `callbacks`.")
+    present = {type(cb).__name__ for cb in ours}
+    for callback in ours:
+        for name, why in type(callback).requires.items():
+            if name not in present:
+                raise ValueError(f"{type(callback).__name__} needs {name}: {why}")
+        for other in ours:
+            why = None if other is callback else callback.conflict_with(other)
+            if why:
+                raise ValueError(f"{type(callback).__name__} cannot run with {type(other).__name__}: {why}")
+
+
+def compatibility_table(callbacks: list[type[SFTCallback]]) -> str:
+    """The markdown matrix of which of our callbacks run together, from their declarations."""
+
+    def cell(cls: type[SFTCallback], other: type[SFTCallback]) -> str:
+        if other is cls:
+            return "once"
+        if other.__name__ in cls.requires:
+            return "needs it"
+        if cls.__name__ in other.requires:
+            return "yes"
+        if other.__name__ in cls.excludes or cls.__name__ in other.excludes:
+            return "no"
+        when = [owner.excludes_when[peer.__name__][0] for owner, peer in ((cls, other), (other, cls))
+                if peer.__name__ in owner.excludes_when]
+        return f"not with {when[0]}" if when else "yes"
+
+    lines = ["| | " + " | ".join(f"`{c.__name__}`" for c in callbacks) + " |", "|---|" + "---|" * len(callbacks)]
+    lines += [f"| `{c.__name__}` | " + " | ".join(cell(c, o) for o in callbacks) + " |" for c in callbacks]
+    return "\n".join(lines)

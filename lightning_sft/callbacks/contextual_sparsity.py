@@ -33,31 +33,13 @@ from lightning_sft.sparsity.calibration import (
     mlp_errors,
     relative_errors,
 )
+from lightning_sft.sparsity.context import context_mask_from_labels
 from lightning_sft.sparsity.schedule import dense_warmup_steps
 from lightning_sft.strategies import WHOLE_WEIGHTS, WHOLE_WEIGHTS_REFUSAL
-from lightning_sft.tasks.exact_match import IGNORE_INDEX
 
 FLOPS_SOURCE = "contextual_sparsity"
 AUTO = "auto"
 SparsitySpec = float | Mapping[int | str, float] | str
-
-
-def context_mask_from_labels(labels: torch.Tensor) -> torch.Tensor:
-    """True where a position's prediction is not scored: those tokens run sparse.
-
-    HF causal LMs predict token t+1 at position t, so position t is an *output* position when
-    ``labels[t + 1]`` is scored. This keeps the last prompt token (which predicts the first answer
-    token) dense, and lets the final position (whose prediction is never scored) go sparse.
-    """
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(
-            f"Token labels of shape (batch, seq) are needed to tell context from output tokens, got {shape}"
-            " (e.g. sequence-classification labels): pass token_mask_fn=batch -> BoolTensor (B, S)."
-        )
-    scored_next = torch.zeros_like(labels, dtype=torch.bool)
-    scored_next[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return ~scored_next
 
 
 class ContextualSparsity(SFTCallback):
@@ -169,8 +151,6 @@ class ContextualSparsity(SFTCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.begin_setup(trainer, pl_module, stage)
-        if sum(isinstance(cb, ContextualSparsity) for cb in trainer.callbacks) > 1:
-            raise ValueError("ContextualSparsity was added more than once; keep exactly one in `callbacks`.")
         if stage == "fit":
             self._plan(pl_module)  # refuse a model it cannot handle now, before any training
 

@@ -6,12 +6,12 @@ The logic lives in :mod:`lightning_sft.recipes.optimizers`; see ``docs/memory_re
 from __future__ import annotations
 
 import importlib.util
+from types import MappingProxyType
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_sft.callbacks.base import SFTCallback
-from lightning_sft.callbacks.sparse_finetuning import SparseFineTuning
 from lightning_sft.recipes.optimizers import (
     DEFAULT_MIN_8BIT_SIZE,
     eight_bit_optimizer,
@@ -36,6 +36,12 @@ class EightBitOptimizer(SFTCallback):
         min_8bit_size: tensors with fewer elements keep fp32 states (bitsandbytes' default, 4096).
     """
 
+    # Regrowth zeroes the regrown entries' fp32 states in place; in 8-bit states code 0 is not zero.
+    excludes_when = MappingProxyType({"SparseFineTuning": (
+        "reselect_every",
+        "SparseFineTuning(reselect_every=...) resets the optimizer state of regrown entries in place, and an 8-bit"
+        " code 0 is not 0: use reselect_every=None, or keep the fp32 optimizer.",
+    )})
     strategies = UNSHARDED
     strategy_refusal = (
         "bitsandbytes' 8-bit optimizers run their kernels on plain tensors, and a sharded strategy's parameters are"
@@ -53,12 +59,12 @@ class EightBitOptimizer(SFTCallback):
         if stage != "fit":
             return
         self.begin_setup(trainer, pl_module, stage)
-        # Regrowth zeroes the regrown entries' fp32 states in place; in 8-bit states code 0 is not zero.
-        if any(isinstance(cb, SparseFineTuning) and cb.reselect_every is not None for cb in trainer.callbacks):
-            raise ValueError(
-                "EightBitOptimizer cannot run with SparseFineTuning(reselect_every=...), which resets the optimizer"
-                " state of regrown entries in place: use reselect_every=None, or keep the fp32 optimizer."
-            )
+
+    def conflict_with(self, other: SFTCallback) -> str | None:
+        name = type(other).__name__
+        if name in self.excludes_when and getattr(other, "reselect_every", None) is not None:
+            return self.excludes_when[name][1]
+        return super().conflict_with(other)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._convert(trainer)

@@ -47,9 +47,6 @@ class GradientCheckpointing(SFTCallback):
         if stage != "fit" or self.checkpointed:
             return
         self.begin_setup(trainer, pl_module, stage)
-        count = sum(isinstance(cb, GradientCheckpointing) for cb in trainer.callbacks)
-        if count > 1:
-            raise ValueError(f"GradientCheckpointing was added {count} times; keep exactly one in `callbacks`.")
         with _beneath_layer_dropout(trainer):
             self.checkpointed = enable_gradient_checkpointing(pl_module, self.block_paths)
         rank_zero_info(f"GradientCheckpointing: {len(self.checkpointed)} blocks recompute their forward in backward.")

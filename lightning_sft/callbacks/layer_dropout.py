@@ -36,7 +36,7 @@ from lightning_sft.layer_dropout.schedules import (
     validate_rate,
     validate_schedule,
 )
-from lightning_sft.layer_dropout.stacks import find_stacks
+from lightning_sft.anatomy.stacks import find_stacks
 from lightning_sft.validation import check_int
 
 FLOPS_SOURCE = "layer_dropout"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import MappingProxyType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,7 +11,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_sft.adapters.checkpoint import CHECKPOINT_KEY, structure_record
-from lightning_sft.adapters.injection import LoRAConfig, inject_lora, lora_layers, replace_submodule
+from lightning_sft.adapters.injection import LoRAConfig, inject_lora, lora_layers
+from lightning_sft.anatomy.modules import replace_submodule
 from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.adapters.quantization import (
     check_quant_type,
@@ -20,8 +22,12 @@ from lightning_sft.adapters.quantization import (
     quantized_layers,
 )
 from lightning_sft.callbacks.base import SFTCallback
+from lightning_sft.sparse_ft.delta_layer import sparse_delta_layers
 from lightning_sft.strategies import DEEPSPEED, FSDP, strategy_kind
 
+
+
+_NO_4BIT_DELTAS = "sparse fine-tuning trains entries of the base weights, which 4-bit storage cannot hold. Use one of the two."
 
 
 class LoRA(SFTCallback):
@@ -47,6 +53,8 @@ class LoRA(SFTCallback):
     Runs on one device and under DDP, FSDP2 (``strategy="fsdp2"``), FSDP and DeepSpeed: the adapters are
     injected before the strategy shards the module, so they are sharded with it (docs/distributed.md).
     """
+
+    excludes_when = MappingProxyType({"SparseFineTuning": ("quantize", _NO_4BIT_DELTAS)})
 
     def __init__(
         self,
@@ -80,9 +88,6 @@ class LoRA(SFTCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.begin_setup(trainer, pl_module, stage)
-        count = sum(isinstance(cb, LoRA) for cb in trainer.callbacks)
-        if count > 1:
-            raise ValueError(f"The LoRA callback was added {count} times; keep exactly one LoRA in `callbacks`.")
         if self.quantize is not None:
             self._check_quantizable(trainer, pl_module)
         existing = lora_layers(pl_module)
@@ -109,16 +114,15 @@ class LoRA(SFTCallback):
             pl_module.register_load_state_dict_pre_hook(self._match_checkpoint_ranks)
             self._hooked.add(id(pl_module))
 
-    def _check_quantizable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse, before any change, what a 4-bit base cannot go with."""
-        from lightning_sft.callbacks.sparse_finetuning import SparseFineTuning  # it imports this module
-        from lightning_sft.sparse_ft import sparse_delta_layers
+    def conflict_with(self, other: SFTCallback) -> str | None:
+        if self.quantize is not None and type(other).__name__ in self.excludes_when:
+            return f"quantize={self.quantize!r}: {self.excludes_when[type(other).__name__][1]}"
+        return super().conflict_with(other)
 
-        if any(isinstance(cb, SparseFineTuning) for cb in trainer.callbacks) or sparse_delta_layers(pl_module):
-            raise ValueError(
-                f"LoRA(quantize={self.quantize!r}) cannot run with sparse fine-tuning, which trains entries of the base"
-                " weights that 4-bit storage cannot hold. Use one of the two."
-            )
+    def _check_quantizable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse, before any change, what a 4-bit base cannot go with (the callbacks: ``conflict_with``)."""
+        if sparse_delta_layers(pl_module):
+            raise ValueError(f"LoRA(quantize={self.quantize!r}): the module holds sparse deltas; {_NO_4BIT_DELTAS}")
         kind = strategy_kind(trainer.strategy)
         if kind in (FSDP, DEEPSPEED):
             raise RuntimeError(

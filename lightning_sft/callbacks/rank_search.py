@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,7 +21,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 
-from lightning_sft.adapters.injection import inject_lora, lora_layers, replace_submodule
+from lightning_sft.adapters.injection import inject_lora, lora_layers
+from lightning_sft.anatomy.modules import replace_submodule
 from lightning_sft.callbacks.base import SFTCallback
 from lightning_sft.callbacks.lora import LoRA
 from lightning_sft.callbacks.side_loop import (
@@ -83,6 +85,10 @@ class AdaptiveRankSearch(SFTCallback):
         rounds: rounds of successive halving (1: every candidate once, ``trial_steps`` steps).
     """
 
+    requires = MappingProxyType({"LoRA": (
+        "it chooses the rank of the adapters the LoRA callback injects; add LoRA(...) to `callbacks` as well (the"
+        " CLI adds it unless --no_lora)."
+    )})
     strategies = UNSHARDED
     strategy_refusal = (
         "each trial builds new adapters at its rank after the strategy has sharded the module and built the"
@@ -123,9 +129,6 @@ class AdaptiveRankSearch(SFTCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        count = sum(isinstance(cb, AdaptiveRankSearch) for cb in trainer.callbacks)
-        if count > 1:
-            raise ValueError(f"AdaptiveRankSearch was added {count} times; keep exactly one in `callbacks`.")
         self.begin_setup(trainer, pl_module, stage)
         lora = _lora_callback(trainer)
         if not pl_module.automatic_optimization:

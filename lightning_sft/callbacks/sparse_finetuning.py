@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from types import MappingProxyType
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 
-from lightning_sft.adapters.injection import lora_layers, replace_submodule
-from lightning_sft.adapters.targeting import ALL_LINEAR, select_targets, validate_target_spec
+from lightning_sft.adapters.injection import lora_layers
+from lightning_sft.adapters.targeting import ALL_LINEAR, validate_target_spec
 from lightning_sft.callbacks.base import SFTCallback
-from lightning_sft.callbacks.contextual_sparsity import ContextualSparsity
-from lightning_sft.callbacks.lora import LoRA
 from lightning_sft.callbacks.side_loop import (
     batch_count,
     fit_dataloader,
@@ -32,11 +30,11 @@ from lightning_sft.callbacks.side_loop import (
 from lightning_sft.rng import capture_rng, restore_rng
 from lightning_sft.sharding import full_tensor, unsharded, write_full
 from lightning_sft.sparse_ft.delta_layer import SparseDeltaLinear, sparse_delta_layers
+from lightning_sft.sparse_ft.injection import inject_sparse_deltas
 from lightning_sft.sparse_ft.selection import (
     GRADIENT_SELECTIONS,
     accumulate,
     drop_and_regrow,
-    entry_count,
     random_importance,
     ranking,
     top_entries,
@@ -81,6 +79,12 @@ class SparseFineTuning(SFTCallback):
     (refused under FSDP1, which cannot gather them there; docs/distributed.md).
     """
 
+    excludes = MappingProxyType({
+        "LoRA": "sparse fine-tuning trains entries of the base weights and LoRA trains adapters beside them; use one"
+                " of the two. Remove the LoRA callback (`--no_lora` on the command line).",
+        "ContextualSparsity": "contextual sparsity slices the frozen base weights and would skip the sparse deltas."
+                              " Use ContextualSparsity with LoRA.",
+    })
     strategies = WHOLE_WEIGHTS
     strategy_refusal = WHOLE_WEIGHTS_REFUSAL.format(what="choose and regrow the trained entries")
 
@@ -140,18 +144,8 @@ class SparseFineTuning(SFTCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.begin_setup(trainer, pl_module, stage)
-        if sum(isinstance(cb, SparseFineTuning) for cb in trainer.callbacks) > 1:
-            raise ValueError(f"{_WHO} was added more than once; keep exactly one in `callbacks`.")
-        if any(isinstance(cb, LoRA) for cb in trainer.callbacks) or lora_layers(pl_module):
-            raise ValueError(
-                f"{_WHO} trains entries of the base weights and LoRA trains adapters beside them; use one of the"
-                " two. Remove the LoRA callback (`--no_lora` on the command line)."
-            )
-        if any(isinstance(cb, ContextualSparsity) for cb in trainer.callbacks):
-            raise ValueError(
-                f"{_WHO} cannot run with ContextualSparsity, which slices the frozen base weights and would skip"
-                " the sparse deltas. Use ContextualSparsity with LoRA."
-            )
+        if lora_layers(pl_module):
+            raise ValueError(f"{_WHO}: the module holds LoRA adapters; {self.excludes['LoRA']}")
         existing = sparse_delta_layers(pl_module)
         if existing:  # a second fit with the same module: keep its deltas (and their selection)
             self.tuned_modules = list(existing)
@@ -288,42 +282,6 @@ class SparseFineTuning(SFTCallback):
         self._reselections = int(state_dict["reselections"])
         self._last_reselect_step = int(state_dict["last_reselect_step"])
         self._scores = dict(state_dict["scores"])
-
-
-def inject_sparse_deltas(
-    root: nn.Module,
-    density: float,
-    selection: str,
-    target_modules: str | Sequence[str] = ALL_LINEAR,
-    exclude_modules: str | Sequence[str] | None = None,
-) -> list[str]:
-    """Wrap the targeted linear layers of ``root`` in ``SparseDeltaLinear`` and freeze everything else.
-
-    All checks run and all wrappers are built before the first swap, so a bad target leaves
-    ``root`` untouched. The wrappers' indices are placeholders until a selection fills them.
-    """
-    targets = select_targets(root, target_modules, exclude_modules)
-    owners: dict[int, list[str]] = {}
-    for name, module in root.named_modules(remove_duplicate=False):
-        for param_name, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append(f"{name}.{param_name}" if name else param_name)
-    for name in targets:
-        shared = owners[id(root.get_submodule(name).weight)]
-        if len(shared) > 1:
-            raise ValueError(
-                f"{name!r} shares its weight with {', '.join(s for s in shared if s != name + '.weight')} (tied weights);"
-                " a sparse delta on one would not reach the other. Exclude it with `exclude_modules`."
-            )
-    built = {}
-    for name in targets:
-        layer = root.get_submodule(name)
-        built[name] = SparseDeltaLinear(layer, entry_count(layer.weight.numel(), density), selection)
-    for param in root.parameters():
-        param.requires_grad_(False)
-    for name, layer in built.items():
-        replace_submodule(root, name, layer)
-        layer.delta_values.requires_grad_(True)
-    return list(built)
 
 
 def _reset_optimizer_state(trainer: pl.Trainer, values: torch.Tensor, positions: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sft.adapters.injection import lora_layers
-from lightning_sft.layer_dropout.stacks import find_stacks
+from lightning_sft.anatomy.stacks import find_stacks
 
 _COUNT = re.compile(r"^(first|last):(\d+)$")
 DEFAULT_AGREEMENT = 0.5

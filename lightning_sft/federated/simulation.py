@@ -20,7 +20,7 @@ from flwr.simulation import run_simulation
 from lightning_sft.federated.client import ClientSettings, FederatedTask, initial_adapters, make_client_app
 from lightning_sft.federated.server import PersonalizedFedAvg, RoundRecord
 from lightning_sft.federated.sharing import DEFAULT_AGREEMENT, PersonalLayers, block_positions
-from lightning_sft.layer_dropout.stacks import find_stacks
+from lightning_sft.anatomy.stacks import find_stacks
 from lightning_sft.validation import check_int
 
 

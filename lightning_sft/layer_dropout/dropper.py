@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sft.layer_dropout.stacks import block_step_flops
+from lightning_sft.anatomy.stacks import block_step_flops
 
 
 @dataclass

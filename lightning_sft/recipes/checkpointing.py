@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_sft.layer_dropout.stacks import find_stacks
+from lightning_sft.anatomy.stacks import find_stacks
 from lightning_sft.sparsity.sparse_blocks import sparse_blocks
 from lightning_sft.sparsity.state import SparsityState
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_sft.adapters.linear_layers import linear_features, weight_is_transposed
+from lightning_sft.anatomy.linear import linear_features, weight_is_transposed
 from lightning_sft.adapters.quantization import is_quantized
 
 # Called with the layer and its dense weight gradient (in the weight's layout) during backward.

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sft.sharding import unsharded
-from lightning_sft.adapters.linear_layers import linear_features, weight_is_transposed
+from lightning_sft.anatomy.linear import linear_features, weight_is_transposed
 from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.adapters.quantization import (
     is_quantized,

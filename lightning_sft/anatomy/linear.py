@@ -8,7 +8,7 @@ from torch import nn
 
 
 @functools.cache
-def _conv1d_type() -> type | None:
+def conv1d_type() -> type | None:
     """transformers' GPT-2 style ``Conv1D`` (weight stored as in x out), if transformers is present."""
     try:
         from transformers.pytorch_utils import Conv1D
@@ -18,13 +18,13 @@ def _conv1d_type() -> type | None:
 
 
 def is_supported_linear(module: nn.Module) -> bool:
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
 def weight_is_transposed(module: nn.Module) -> bool:
     """Conv1D keeps its weight as (in_features, out_features), the transpose of nn.Linear."""
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     return conv1d is not None and isinstance(module, conv1d)
 
 

@@ -1,0 +1,34 @@
+"""Adaptive LoRA rank search: the scoring rule, the successive-halving schedule, parameter counts and the
+per-module rank allocation (pure torch; the ``AdaptiveRankSearch`` callback runs the trials)."""
+
+from lightning_sft.rank_search.search import (
+    DEFAULT_CANDIDATES,
+    GROWTH,
+    Trial,
+    adapter_params,
+    allocate_ranks,
+    best,
+    component_importance,
+    config_at_ranks,
+    format_table,
+    halving_schedule,
+    score,
+    validate_candidates,
+    validate_penalty,
+)
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "GROWTH",
+    "Trial",
+    "adapter_params",
+    "allocate_ranks",
+    "best",
+    "component_importance",
+    "config_at_ranks",
+    "format_table",
+    "halving_schedule",
+    "score",
+    "validate_candidates",
+    "validate_penalty",
+]
