@@ -45,15 +45,51 @@ from lightning_sft.summary import format_summary, run_summary
 from lightning_sft.usage import debugging, exit_with_usage_error, usage_errors
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
-# Subcommands that are not LightningCLI's: each module exposes `main(argv) -> int` and is imported lazily.
-PLAIN_SUBCOMMANDS = {
-    "bench": "lightning_sft.bench",
-    "diff": "lightning_sft.diff_cli",
-    "federated": "lightning_sft.federated.cli",
-    "plan": "lightning_sft.memory.plan_cli",
-    "pretrain": "lightning_sft.pretraining.run",
-    "report": "lightning_sft.report",
-}
+@dataclass(frozen=True)
+class Command:
+    """One ``lightning-sft`` subcommand: ``module`` provides ``main(argv) -> int`` and is imported only when
+    the command runs (None: one of LightningCLI's own); ``usage`` and ``does`` are what --help and
+    docs/cli.md show."""
+
+    name: str
+    module: str | None
+    usage: str
+    does: str
+
+
+# Every subcommand, in the order --help and docs/cli.md list them: the one registry of the command line.
+COMMANDS: tuple[Command, ...] = (
+    Command("fit", None, "fit ...", "`Trainer.fit`, then saves the LoRA adapter or the sparse diff and tests again"),
+    Command("validate", None, "validate ...", "`Trainer.validate` (one pass over the validation split)"),
+    Command("test", None, "test ...", "`Trainer.test` (one pass over the test split)"),
+    Command("bench", "lightning_sft.bench", "bench BENCHMARK ...",
+            "micro-benchmarks, `lightning_sft.bench`; `lightning-sft bench --help` lists them"),
+    Command("diff", "lightning_sft.diff_cli", "diff inspect|apply|revert DIFF ...",
+            "what a sparse diff holds (`inspect`), or a model directory with it added (`apply`) or taken out (`revert`)"
+            " written to a new directory ([sparse_finetuning.md](sparse_finetuning.md))"),
+    Command("federated", "lightning_sft.federated.cli", "federated [--clients 4] [--rounds 5] ...",
+            "a Flower simulation of federated LoRA on a non-IID split of the embedded task ([federated.md](federated.md))"),
+    Command("plan", "lightning_sft.memory.plan_cli", "plan --model CONFIG_OR_PRESET --gpu-mem 24GB ...",
+            "the fine-tuning recipes that fit a GPU budget, and the recommended one as a `fit` command"
+            " ([memory.md](memory.md), [distributed.md](distributed.md))"),
+    Command("pretrain", "lightning_sft.pretraining.run", "pretrain --out DIR ...",
+            "reproduce the shipped base model ([base_model.md](base_model.md))"),
+    Command("report", "lightning_sft.report", "report LOGDIR [LOGDIR ...] [--out DIR]",
+            "loss, accuracy and efficiency curves of the runs under the directories, in `report.png` + `report.html`"),
+)
+PLAIN_SUBCOMMANDS = {command.name: command.module for command in COMMANDS if command.module is not None}
+
+
+def command_table() -> str:
+    """The command list of docs/cli.md, from ``COMMANDS``."""
+    rows = [f"| `lightning-sft {c.usage.replace('|', chr(92) + '|')}` | {c.does} |" for c in COMMANDS]
+    return "\n".join(["| command | what it does |", "| --- | --- |", *rows])
+
+
+def _commands_epilog() -> str:
+    return "Commands: " + "; ".join(f"{c.name}: {c.does.split(' ([')[0]}" for c in COMMANDS) + "."
+
+
 
 # Callbacks on by default, configured by `--<key>.*` and switched off by `--no_<key>`.
 DEFAULT_CALLBACKS: dict[str, type[Callback]] = {"lora": LoRA, "efficiency": EfficiencyMonitor}
@@ -256,9 +292,9 @@ class SFTCLI(LightningCLI):
                 "prog": "lightning-sft",
                 "description": "Fine-tune LLMs cheaply with Lightning. Run `lightning-sft SUBCOMMAND --help`.",
                 "epilog": (
-                    f"fit, validate and test take the Trainer, --model and --data options plus {_flag_summary()}."
-                    " LoRA and EfficiencyMonitor are on by default. Other subcommands: bench, diff, pretrain, report"
-                    " (`lightning-sft bench --help`)."
+                    f"{_commands_epilog()} fit, validate and test take the Trainer, --model and --data options plus"
+                    f" {_flag_summary()}. LoRA and EfficiencyMonitor are on by default. `lightning-sft COMMAND --help`"
+                    " shows a command's options."
                 ),
                 # The main job's settings; flags and --config files override them. Without subcommands
                 # (run=False) there is only the main parser.

@@ -314,3 +314,17 @@ def test_per_layer_sparsity_from_a_config_file(tmp_path: Path) -> None:
     (sparsity,) = _callbacks_of(cli, ContextualSparsity)
     assert dict(sparsity.mlp_sparsity) == {1: 0.5, "2-4": 0.9}
     assert sparsity.attn_sparsity == "llama3-8b-math10k" and sparsity.calibration_steps == 4
+
+
+def test_help_and_the_docs_list_every_command_from_one_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    from generated_docs import check_generated
+
+    from lightning_sft.cli import COMMANDS, command_table
+
+    assert [c.name for c in COMMANDS] == ["fit", "validate", "test", "bench", "diff", "federated", "plan", "pretrain",
+                                          "report"]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    epilog = " ".join(capsys.readouterr().out.split())
+    assert all(f"{c.name}: " in epilog for c in COMMANDS)
+    check_generated("cli.md", "command list", command_table(), "tests/test_cli.py")

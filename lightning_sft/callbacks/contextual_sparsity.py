@@ -34,6 +34,7 @@ from lightning_sft.sparsity.calibration import (
     relative_errors,
 )
 from lightning_sft.sparsity.context import context_mask_from_labels
+from lightning_sft.sparsity.estimators import accepted_options
 from lightning_sft.sparsity.schedule import dense_warmup_steps
 from lightning_sft.strategies import WHOLE_WEIGHTS, WHOLE_WEIGHTS_REFUSAL
 
@@ -111,7 +112,7 @@ class ContextualSparsity(SFTCallback):
             raise TypeError("`token_mask_fn` must be a callable batch -> BoolTensor (B, S), True = sparse token.")
         if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 0:
             raise ValueError(f"`calibration_steps` must be an integer >= 0, got {calibration_steps!r}; 8 is the default.")
-        if cache_dir is not None and calibration_steps and strategy == "svd":
+        if cache_dir is not None and calibration_steps and "cache" in accepted_options(strategy, cache=cache_dir):
             raise ValueError(
                 "`cache_dir` caches weight-only SVD factors, but calibration (calibration_steps > 0) replaces them"
                 " with factors fitted to the activations: pass calibration_steps=0 to use the cache."
@@ -190,10 +191,8 @@ class ContextualSparsity(SFTCallback):
         calibrate = self.calibration_steps > 0 and self._warmup_steps > 0
         if self.calibration_steps and not self._warmup_steps:
             rank_zero_warn("ContextualSparsity: no dense warm-up step to calibrate from; the estimator uses the weights only.")
-        options: dict[str, Any] = {}
-        if self.strategy == "svd":
-            cache = Path(self.cache_dir) if self.cache_dir else None
-            options = {"rank": self.estimator_rank, "cache": cache, "calibrated": calibrate}
+        cache = Path(self.cache_dir) if self.cache_dir else None
+        options = accepted_options(self.strategy, rank=self.estimator_rank, cache=cache, calibrated=calibrate)
         blocks = anatomy.mlps + anatomy.attentions
         self.blocks = sparsify(pl_module, blocks, mlp + attn, self.state, self.strategy, **options)
         self._estimator_map = self._estimators()

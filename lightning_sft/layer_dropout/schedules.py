@@ -19,10 +19,35 @@ The shape is evaluated at the absolute depth ``l`` of each block in its stack of
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-SCHEDULES = ("uniform", "linear", "exponential", "progressive")
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where in depth a schedule drops (``shape(depth, num_blocks)``, unnormalised) and whether its rate
+    ramps in over steps."""
+
+    shape: Callable[[int, int], float]
+    ramped: bool = False
+
+
+def _exponential(depth: int, num_blocks: int) -> float:
+    return 1.0 if num_blocks == 1 else math.exp(depth * math.log(2.0) / (num_blocks - 1)) - 1.0
+
+
+def _linear(depth: int, num_blocks: int) -> float:
+    return (depth + 1) / num_blocks
+
+
+# The schedules by name; a new one is one entry.
+SCHEDULES: dict[str, Schedule] = {
+    "uniform": Schedule(lambda depth, num_blocks: 1.0),
+    "linear": Schedule(_linear),
+    "exponential": Schedule(_exponential),
+    "progressive": Schedule(_linear, ramped=True),
+}
 # A block is never dropped with certainty: it would never train, and DDP would see it unused.
 MAX_PROBABILITY = 0.95
 DEFAULT_GAMMA = 0.001
@@ -45,13 +70,7 @@ def validate_schedule(schedule: Any) -> str:
 
 def depth_shape(schedule: str, depth: int, num_blocks: int) -> float:
     """Unnormalised drop weight of the block at ``depth`` (0-based) in a stack of ``num_blocks``."""
-    if schedule == "uniform":
-        return 1.0
-    if schedule in ("linear", "progressive"):
-        return (depth + 1) / num_blocks
-    if num_blocks == 1:
-        return 1.0
-    return math.exp(depth * math.log(2.0) / (num_blocks - 1)) - 1.0
+    return SCHEDULES[schedule].shape(depth, num_blocks)
 
 
 def check_protection(num_blocks: int, protect_first: int, protect_last: int, where: str) -> None:
@@ -96,7 +115,7 @@ def progressive_factor(step: int, gamma: float) -> float:
 
 def rate_at(schedule: str, rate: float, step: int, gamma: float) -> float:
     """The rate in force at ``step``: constant except for the progressive ramp."""
-    return rate * progressive_factor(step, gamma) if schedule == "progressive" else rate
+    return rate * progressive_factor(step, gamma) if SCHEDULES[schedule].ramped else rate
 
 
 def expected_drop_fraction(probabilities: Sequence[Sequence[float]]) -> float:
@@ -122,9 +141,9 @@ def rates_within_budget(
     Raises, naming the smallest rate the budget needs, when none is; a progressive schedule starts
     dense, so it has no budget.
     """
-    if schedule == "progressive":
+    if SCHEDULES[schedule].ramped:
         raise ValueError(
-            "A compute budget needs a schedule whose rate holds from the first step; 'progressive' starts dense."
+            f"A compute budget needs a schedule whose rate holds from the first step; {schedule!r} starts dense."
             " Use 'linear' (the same shape in depth) or drop the budget."
         )
 

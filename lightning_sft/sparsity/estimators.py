@@ -9,6 +9,7 @@ the returned indices. Index maps, scoring rules and the cache format are describ
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -324,6 +325,15 @@ def get_strategy(name: str) -> StrategyFactory:
     if name not in _STRATEGIES:
         raise ValueError(f"Unknown channel-selection strategy {name!r}; valid: {', '.join(available_strategies())}.")
     return _STRATEGIES[name]
+
+
+def accepted_options(strategy: str, **offered: object) -> dict[str, object]:
+    """The ``offered`` options the strategy's factory takes (all of them if it takes ``**kwargs``): how a
+    caller hands every estimator the settings it understands without naming strategies."""
+    parameters = inspect.signature(get_strategy(strategy)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(offered)
+    return {key: value for key, value in offered.items() if key in parameters}
 
 
 def build_estimator(strategy: str, block: Block, name: str = "", **options: object) -> ChannelEstimator:
