@@ -12,18 +12,25 @@ Every function here that gathers is a collective: call it on every rank, in the 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def _is_dtensor(tensor: object) -> bool:
+    """An FSDP2 DTensor? Asked without importing ``torch.distributed.tensor`` (0.7 s), which whoever made a
+    DTensor has imported already."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def is_sharded(tensor: Tensor) -> bool:
     """Whether ``tensor`` holds only a part of its values on this rank (FSDP2 DTensor or ZeRO-3 partition)."""
-    return isinstance(tensor, DTensor) or hasattr(tensor, "ds_id")
+    return _is_dtensor(tensor) or hasattr(tensor, "ds_id")
 
 
 def has_sharded_parameters(module: nn.Module) -> bool:
@@ -32,7 +39,7 @@ def has_sharded_parameters(module: nn.Module) -> bool:
 
 def full_tensor(tensor: Tensor) -> Tensor:
     """The whole of ``tensor`` as a plain tensor on every rank (a collective when it is sharded)."""
-    if isinstance(tensor, DTensor):
+    if _is_dtensor(tensor):
         return tensor.full_tensor()
     if hasattr(tensor, "ds_id"):
         import deepspeed
@@ -45,7 +52,9 @@ def full_tensor(tensor: Tensor) -> Tensor:
 def write_full(tensor: Tensor, values: Tensor) -> None:
     """Set ``tensor`` (plain or an FSDP2 DTensor) to the full ``values``, which every rank passes alike."""
     with torch.no_grad():
-        if isinstance(tensor, DTensor):
+        if _is_dtensor(tensor):
+            from torch.distributed.tensor import distribute_tensor
+
             local = distribute_tensor(values.to(tensor.dtype), tensor.device_mesh, tensor.placements).to_local()
             tensor.to_local().copy_(local)
         else:
@@ -54,7 +63,7 @@ def write_full(tensor: Tensor, values: Tensor) -> None:
 
 def local_numel(tensor: Tensor) -> int:
     """Elements of ``tensor`` stored on this rank."""
-    if isinstance(tensor, DTensor):
+    if _is_dtensor(tensor):
         return tensor.to_local().numel()
     if hasattr(tensor, "ds_tensor"):  # a ZeRO-3 partition
         return tensor.ds_tensor.numel()
@@ -75,7 +84,7 @@ def unsharded(modules: nn.Module | Iterable[nn.Module], writeback: bool = False)
             for name, param in module._parameters.items():
                 if param is None:
                     continue
-                if isinstance(param, DTensor):
+                if _is_dtensor(param):
                     owners.append((module, name, param))
                 elif hasattr(param, "ds_id") and id(param) not in seen:
                     zero3.append(param)

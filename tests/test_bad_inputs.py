@@ -29,7 +29,7 @@ from lightning_sft import (
 )
 from lightning_sft.cli import main
 from lightning_sft.strategies import FSDP2Strategy
-from test_failed_fit import _assert_same, _state
+from module_state import assert_same_state, module_state
 
 ROWS: dict[str, tuple[str, str, str, str]] = {}
 
@@ -38,17 +38,14 @@ ROWS: dict[str, tuple[str, str, str, str]] = {}
 class Case:
     component: str
     shown: str  # the bad input as the user writes it
-    run: Callable[[], Any]  # constructs (and fits, for `fit=True`) what the user wrote
+    run: Callable[..., Any]  # what the user wrote: constructed, or (given the module) set up or fitted
 
 
-def _fit(*callbacks: pl.Callback) -> None:
+def _fit(module: pl.LightningModule, *callbacks: pl.Callback) -> None:
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, callbacks=list(callbacks), logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
-    trainer.fit(_MODULE, cases.loader(8), cases.loader(8))
-
-
-_MODULE = cases.UserModule()  # replaced per case; the fits below use the current one
+    trainer.fit(module, cases.loader(8), cases.loader(8))
 
 CONSTRUCTION = [
     Case("LoRA", "LoRA(r=0)", lambda: LoRA(r=0)),
@@ -63,19 +60,19 @@ CONSTRUCTION = [
     Case("ContextualSparsity", 'ContextualSparsity(strategy="bogus")', lambda: ContextualSparsity(strategy="bogus")),
 ]
 AT_FIT = [
-    Case("LoRA", 'LoRA(target_modules=["nope"])', lambda: _fit(LoRA(target_modules=["nope"]))),
-    Case("AdaptiveRankSearch", "AdaptiveRankSearch() without LoRA", lambda: _fit(AdaptiveRankSearch())),
+    Case("LoRA", 'LoRA(target_modules=["nope"])', lambda m: _fit(m, LoRA(target_modules=["nope"]))),
+    Case("AdaptiveRankSearch", "AdaptiveRankSearch() without LoRA", lambda m: _fit(m, AdaptiveRankSearch())),
     Case("LayerDropout", "LayerDropout(protect_first=2, protect_last=2) after LoRA(), on 2 blocks",
-         lambda: _fit(LoRA(r=2), LayerDropout(protect_first=2, protect_last=2))),
-    Case("SparseFineTuning", "SparseFineTuning() with LoRA()", lambda: _fit(LoRA(r=2), SparseFineTuning())),
+         lambda m: _fit(m, LoRA(r=2), LayerDropout(protect_first=2, protect_last=2))),
+    Case("SparseFineTuning", "SparseFineTuning() with LoRA()", lambda m: _fit(m, LoRA(r=2), SparseFineTuning())),
     Case("GradientCheckpointing", 'GradientCheckpointing(blocks=["nope"]) after LoRA()',
-         lambda: _fit(LoRA(r=2), GradientCheckpointing(blocks=["nope"]))),
+         lambda m: _fit(m, LoRA(r=2), GradientCheckpointing(blocks=["nope"]))),
     Case("AttentionImplementation", 'AttentionImplementation("flash_attention_2") on CPU',
-         lambda: _fit(AttentionImplementation("flash_attention_2"))),
+         lambda m: _fit(m, AttentionImplementation("flash_attention_2"))),
     Case("ContextualSparsity", 'ContextualSparsity(mlp_sparsity="auto", dense_layers=(), dense_warmup=0) with LoRA()',
-         lambda: _fit(LoRA(r=2), ContextualSparsity(mlp_sparsity="auto", dense_layers=(), dense_warmup=0))),
+         lambda m: _fit(m, LoRA(r=2), ContextualSparsity(mlp_sparsity="auto", dense_layers=(), dense_warmup=0))),
     Case("EightBitOptimizer", 'EightBitOptimizer() under strategy="fsdp2"',
-         lambda: _setup_under(FSDP2Strategy(), LoRA(r=2), EightBitOptimizer())),
+         lambda m: _setup_under(m, FSDP2Strategy(), LoRA(r=2), EightBitOptimizer())),
 ]
 CLI = [
     ("fit", ["fit", "--lora.r", "-1"]),
@@ -92,11 +89,11 @@ CLI = [
 ]
 
 
-def _setup_under(strategy: Any, *callbacks: pl.Callback) -> None:
+def _setup_under(module: pl.LightningModule, strategy: Any, *callbacks: pl.Callback) -> None:
     """The callbacks' set-up as a fit under ``strategy`` runs it (a 2-process launch is test_fsdp2's)."""
     trainer = SimpleNamespace(strategy=strategy, callbacks=list(callbacks))
     for callback in callbacks:
-        callback.setup(trainer, _MODULE, "fit")
+        callback.setup(trainer, module, "fit")
 
 
 def _seen(error: BaseException) -> str:
@@ -113,12 +110,11 @@ def test_a_bad_argument_is_refused_at_construction(case: Case) -> None:
 
 @pytest.mark.parametrize("case", AT_FIT, ids=lambda c: c.shown)
 def test_a_refusal_at_fit_leaves_the_module_as_it_was(case: Case) -> None:
-    global _MODULE
-    _MODULE = cases.UserModule()
-    before = _state(copy.deepcopy(_MODULE))
+    module = cases.UserModule()
+    before = module_state(copy.deepcopy(module))
     with pytest.raises((ValueError, TypeError, RuntimeError, ImportError)) as caught:
-        case.run()
-    _assert_same(_state(_MODULE), before)
+        case.run(module)
+    assert_same_state(module_state(module), before)
     ROWS[case.shown] = (case.component, f"`{case.shown}`, at `fit`", _seen(caught.value), "the module as it was")
 
 

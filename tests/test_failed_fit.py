@@ -10,10 +10,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from lightning.pytorch.callbacks import Callback
 
 import sharded_cases as cases
+from module_state import assert_same_state, module_state
 from lightning_sft import (
     AdaptiveRankSearch,
     AttentionImplementation,
@@ -47,37 +47,6 @@ REFUSERS: dict[str, Callable[[], Callback]] = {
 }
 
 
-def _state(module: pl.LightningModule) -> dict[str, Any]:
-    batch = cases.loader().dataset[0]["input_ids"][None]
-    was_training = module.training
-    module.eval()
-    with torch.no_grad():
-        logits = module.net(input_ids=batch).logits
-    module.train(was_training)
-    return {
-        "parameters": {n: (p.detach().clone(), p.requires_grad, p.dtype) for n, p in module.named_parameters()},
-        "buffers": {n: b.clone() for n, b in module.named_buffers()},
-        "keys": list(module.state_dict()),
-        "classes": [(n, type(m).__name__) for n, m in module.named_modules()],
-        "instance_forwards": [n for n, m in module.named_modules() if "forward" in vars(m)],
-        "attention": module.net.config._attn_implementation,
-        "logits": logits,
-    }
-
-
-def _assert_same(after: dict[str, Any], before: dict[str, Any]) -> None:
-    assert after["keys"] == before["keys"] and after["classes"] == before["classes"]
-    assert after["instance_forwards"] == before["instance_forwards"] == []
-    assert after["attention"] == before["attention"]
-    assert after["parameters"].keys() == before["parameters"].keys() and before["parameters"]
-    for name, (value, flag, dtype) in before["parameters"].items():
-        now = after["parameters"][name]
-        assert now[1] == flag and now[2] == dtype and torch.equal(now[0], value), name
-    assert after["buffers"].keys() == before["buffers"].keys()
-    assert all(torch.equal(after["buffers"][n], b) for n, b in before["buffers"].items())
-    assert torch.equal(after["logits"], before["logits"])
-
-
 def _pairs() -> list[tuple[str, str, bool]]:
     return [
         (changer, refuser, refuser_first)
@@ -93,7 +62,7 @@ def test_a_refusal_leaves_the_module_as_it_was(changer: str, refuser: str, refus
     if changer == "qlora":
         pytest.importorskip("bitsandbytes")
     module = cases.UserModule()
-    before = _state(copy.deepcopy(module))
+    before = module_state(copy.deepcopy(module))
     changing, refusing = CHANGERS[changer](), REFUSERS[refuser]()
     callbacks = [refusing, *changing] if refuser_first else [*changing, refusing]
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, callbacks=callbacks, logger=False,
@@ -101,7 +70,7 @@ def test_a_refusal_leaves_the_module_as_it_was(changer: str, refuser: str, refus
                          num_sanity_val_steps=0)
     with pytest.raises((ValueError, RuntimeError, TypeError, ImportError)):
         trainer.fit(module, cases.loader(), cases.loader(8))
-    _assert_same(_state(module), before)
+    assert_same_state(module_state(module), before)
 
 
 def test_the_module_can_be_fitted_again_after_a_refusal() -> None:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-
 from collections import Counter
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -54,9 +53,9 @@ class SFTCallback(Callback):
     def begin_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse an unsupported strategy or combination, then (once per fit) take the restore point."""
         check_strategies(trainer)
-        check_combination(trainer)
+        ours = [cb for cb in trainer.callbacks if isinstance(cb, SFTCallback)]
+        check_combination(ours)
         if stage == "fit" and getattr(trainer, _POINT, None) is None:
-            ours = [cb for cb in trainer.callbacks if isinstance(cb, SFTCallback)]
             setattr(trainer, _POINT, RestorePoint(pl_module, ours, keep_root=_LIGHTNING_ATTRIBUTES))
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -72,10 +71,9 @@ class SFTCallback(Callback):
             point.restore()
 
 
-def check_combination(trainer: pl.Trainer) -> None:
+def check_combination(ours: list[SFTCallback]) -> None:
     """Refuse, from the callbacks' declarations, one added twice, one missing what it needs, or two that
     cannot run together; whichever callback sets up first, before any has changed the module."""
-    ours = [cb for cb in trainer.callbacks if isinstance(cb, SFTCallback)]
     for cls, count in Counter(type(cb) for cb in ours).items():
         if count > 1:
             raise ValueError(f"{cls.__name__} was added {count} times; keep exactly one in `callbacks`.")

@@ -27,6 +27,7 @@ from lightning_sft.callbacks.base import SFTCallback
 from lightning_sft.callbacks.lora import LoRA
 from lightning_sft.callbacks.side_loop import (
     batch_count,
+    batch_limit,
     fit_dataloader,
     outside_the_fit,
     restore_modes,
@@ -326,13 +327,8 @@ class AdaptiveRankSearch(SFTCallback):
 # -- helpers ---------------------------------------------------------------------------------------------
 
 def _lora_callback(trainer: pl.Trainer) -> LoRA:
-    lora = next((cb for cb in trainer.callbacks if isinstance(cb, LoRA)), None)
-    if lora is None:
-        raise ValueError(
-            "AdaptiveRankSearch chooses the rank of the adapters the LoRA callback injects; add LoRA(...) to"
-            " `callbacks` as well (the CLI adds it unless --no_lora)."
-        )
-    return lora
+    """The LoRA callback this one ``requires`` (``check_combination`` refused a fit without it)."""
+    return next(cb for cb in trainer.callbacks if isinstance(cb, LoRA))
 
 
 def _build(pl_module: pl.LightningModule, lora: LoRA, targets: list[str], ranks: int | dict[str, int]) -> None:
@@ -357,8 +353,8 @@ def _check_length(
         return  # not sized: take_batches reports it if the data runs out
     if needed > available:
         where = f" on each of {trainer.world_size} processes" if trainer.world_size > 1 else ""
-        limit = trainer.limit_train_batches if stage == RunningStage.TRAINING else trainer.limit_val_batches
-        limited = f" (within limit_{'train' if stage == RunningStage.TRAINING else 'val'}_batches={limit})" if isinstance(limit, int) or limit < 1.0 else ""
+        name, limit = batch_limit(trainer, stage)
+        limited = f" (within {name}={limit})" if isinstance(limit, int) or limit < 1.0 else ""
         raise ValueError(
             f"AdaptiveRankSearch: a trial needs {needed} {what} batches ({setting}), but the {what} data has"
             f" {available}{where}{limited}. Lower {fix}, leave it unset to use what there is, or use more data."

@@ -34,6 +34,13 @@ def fit_dataloader(trainer: pl.Trainer, source: Any, stage: RunningStage, who: s
     return combined
 
 
+def batch_limit(trainer: pl.Trainer, stage: RunningStage) -> tuple[str, int | float]:
+    """The Trainer's ``limit_train_batches`` or ``limit_val_batches`` for ``stage``: its name and value."""
+    if stage == RunningStage.TRAINING:
+        return "limit_train_batches", trainer.limit_train_batches
+    return "limit_val_batches", trainer.limit_val_batches
+
+
 def usable_batches(trainer: pl.Trainer, loader: CombinedLoader, stage: RunningStage) -> int | None:
     """Batches one pass of ``loader`` gives within the Trainer's ``limit_train_batches`` /
     ``limit_val_batches`` (an int caps the count, a float takes that fraction); None if not sized.
@@ -42,7 +49,7 @@ def usable_batches(trainer: pl.Trainer, loader: CombinedLoader, stage: RunningSt
     if None in lengths:
         return None
     total = max(lengths) if stage == RunningStage.TRAINING else sum(lengths)
-    limit = trainer.limit_train_batches if stage == RunningStage.TRAINING else trainer.limit_val_batches
+    _, limit = batch_limit(trainer, stage)
     if not limit:
         return total
     return min(total, limit) if isinstance(limit, int) else int(total * limit)
