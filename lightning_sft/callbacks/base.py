@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from types import MappingProxyType
+from typing import Protocol
 
 import lightning.pytorch as pl
 import torch
@@ -28,6 +30,15 @@ from lightning_sft.strategies import ALL_KINDS, check_strategies
 _LIGHTNING_ATTRIBUTES = frozenset(vars(pl.LightningModule())) - frozenset(vars(nn.Module()))
 # Where a Trainer holds its fit's restore point, while the fit has not started training.
 _POINT = "_lightning_sft_restore_point"
+
+
+class ForwardWrapper(Protocol):
+    """Something installed over block forwards (layer dropout's dropper): ``remove`` restores the forwards
+    it found, ``install`` wraps the forwards the blocks have now."""
+
+    def install(self) -> None: ...
+
+    def remove(self) -> None: ...
 
 
 class SFTCallback(Callback):
@@ -50,6 +61,17 @@ class SFTCallback(Callback):
         subclass declaring ``excludes_when`` says here whether its settings make the conflict."""
         return type(self).excludes.get(type(other).__name__)
 
+    def forward_wrappers(self) -> list[ForwardWrapper]:
+        """What this callback installed over the module's block forwards; a callback that changes those
+        forwards takes them off first and puts them back after, so they stay outermost."""
+        return []
+
+    def required(self, trainer: pl.Trainer, name: str) -> SFTCallback:
+        """The callback named in ``requires`` (``check_combination`` refused a fit without it)."""
+        if name not in type(self).requires:
+            raise KeyError(f"{type(self).__name__} does not declare {name!r} in `requires`.")
+        return next(cb for cb in trainer.callbacks if type(cb).__name__ == name)
+
     def begin_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse an unsupported strategy or combination, then (once per fit) take the restore point."""
         check_strategies(trainer)
@@ -69,6 +91,20 @@ class SFTCallback(Callback):
         setattr(trainer, _POINT, None)
         if point is not None:
             point.restore()
+
+
+@contextmanager
+def beneath_forward_wrappers(trainer: pl.Trainer) -> Iterator[None]:
+    """Change block forwards beneath what our callbacks installed over them: the wrappers come off and go
+    back on over the new forwards, whatever the callback order."""
+    wrappers = [w for cb in trainer.callbacks if isinstance(cb, SFTCallback) for w in cb.forward_wrappers()]
+    for wrapper in wrappers:
+        wrapper.remove()
+    try:
+        yield
+    finally:
+        for wrapper in wrappers:
+            wrapper.install()
 
 
 def check_combination(ours: list[SFTCallback]) -> None:

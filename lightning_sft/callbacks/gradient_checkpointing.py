@@ -5,14 +5,12 @@ The logic lives in :mod:`lightning_sft.recipes.checkpointing`; see ``docs/memory
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_sft.callbacks.base import SFTCallback
-from lightning_sft.callbacks.layer_dropout import LayerDropout
+from lightning_sft.callbacks.base import SFTCallback, beneath_forward_wrappers
 from lightning_sft.recipes.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 
 
@@ -47,29 +45,12 @@ class GradientCheckpointing(SFTCallback):
         if stage != "fit" or self.checkpointed:
             return
         self.begin_setup(trainer, pl_module, stage)
-        with _beneath_layer_dropout(trainer):
+        with beneath_forward_wrappers(trainer):
             self.checkpointed = enable_gradient_checkpointing(pl_module, self.block_paths)
         rank_zero_info(f"GradientCheckpointing: {len(self.checkpointed)} blocks recompute their forward in backward.")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.checkpointed:
-            with _beneath_layer_dropout(trainer):
+            with beneath_forward_wrappers(trainer):
                 disable_gradient_checkpointing(pl_module)
             self.checkpointed = []
-
-
-@contextmanager
-def _beneath_layer_dropout(trainer: pl.Trainer) -> Iterator[None]:
-    """Change the blocks' forwards under any installed layer dropout: its droppers come off and go back
-    on over the new forwards, so they decide before the checkpoint (whatever the callback order) and a
-    recompute never re-decides, re-reports or replays a different set of rows."""
-    droppers = [cb.dropper for cb in trainer.callbacks if isinstance(cb, LayerDropout) and cb.dropper is not None]
-    for dropper in droppers:
-        dropper.remove()
-    try:
-        yield
-    finally:
-        for dropper in droppers:
-            for block in dropper.blocks:
-                block.original = block.module.forward
-            dropper.install()

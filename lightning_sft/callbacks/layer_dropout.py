@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_sft.callbacks.base import SFTCallback
+from lightning_sft.callbacks.base import ForwardWrapper, SFTCallback
 from lightning_sft.callbacks.side_loop import (
     batch_count,
     fit_dataloader,
@@ -170,6 +170,9 @@ class LayerDropout(SFTCallback):
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
+
+    def forward_wrappers(self) -> list[ForwardWrapper]:
+        return [self.dropper] if self.dropper is not None else []
 
     def allowed_rates(self, stack_sizes: Sequence[int]) -> tuple[float, ...]:
         """The rates this callback may use on stacks of these sizes: its arms (or its rate) within the budget."""

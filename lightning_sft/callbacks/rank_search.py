@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -24,7 +24,6 @@ from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zer
 from lightning_sft.adapters.injection import inject_lora, lora_layers
 from lightning_sft.anatomy.modules import replace_submodule
 from lightning_sft.callbacks.base import SFTCallback
-from lightning_sft.callbacks.lora import LoRA
 from lightning_sft.callbacks.side_loop import (
     batch_count,
     batch_limit,
@@ -49,6 +48,9 @@ from lightning_sft.rank_search import (
     validate_candidates,
     validate_penalty,
 )
+
+if TYPE_CHECKING:  # annotations only: the instance comes from `requires`
+    from lightning_sft.callbacks.lora import LoRA
 from lightning_sft.rng import capture_rng, restore_rng
 from lightning_sft.strategies import UNSHARDED
 from lightning_sft.validation import check_int
@@ -131,7 +133,7 @@ class AdaptiveRankSearch(SFTCallback):
         if stage != "fit":
             return
         self.begin_setup(trainer, pl_module, stage)
-        lora = _lora_callback(trainer)
+        lora = cast("LoRA", self.required(trainer, "LoRA"))
         if not pl_module.automatic_optimization:
             raise RuntimeError(
                 "AdaptiveRankSearch trains its trials as Lightning's automatic optimization does; this module sets"
@@ -153,7 +155,7 @@ class AdaptiveRankSearch(SFTCallback):
         if trainer.ckpt_path is not None:
             rank_zero_warn("AdaptiveRankSearch: the checkpoint holds no rank-search choice; keeping its ranks.")
             return
-        lora = _lora_callback(trainer)
+        lora = cast("LoRA", self.required(trainer, "LoRA"))
         # Adapters LoRA injected before fit (e.g. for a test pass) are still untrained: B is zero until a step.
         trained = any(bool(layer.lora_B.any()) for layer in lora_layers(pl_module).values())
         if lora.init_seed is None or trained:
@@ -325,11 +327,6 @@ class AdaptiveRankSearch(SFTCallback):
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
-
-def _lora_callback(trainer: pl.Trainer) -> LoRA:
-    """The LoRA callback this one ``requires`` (``check_combination`` refused a fit without it)."""
-    return next(cb for cb in trainer.callbacks if isinstance(cb, LoRA))
-
 
 def _build(pl_module: pl.LightningModule, lora: LoRA, targets: list[str], ranks: int | dict[str, int]) -> None:
     """Replace the adapters by fresh ones at ``ranks``, drawn from the seed LoRA drew its own from, so

@@ -34,6 +34,7 @@ class DroppableBlock:
     module: nn.Module
     index: int  # position among all controlled blocks
     original: Callable[..., Any]
+    own_forward: bool = False  # the forward wrapped was set on the instance (not the class's)
     tuple_length: int | None = None  # None: forward returns a tensor
     seen: bool = False  # a dense call recorded the output format
 
@@ -66,6 +67,7 @@ class LayerDropper:
         self.blocks = [DroppableBlock(name, module, i, module.forward) for i, (name, module) in enumerate(blocks)]
         self.on_skip = on_skip
         self.ghost = False
+        self.installed = False
         # The current step's plan: blocks dropped whole, and (per-sample) the kept-row draws.
         self.dropped: set[int] = set()
         self.sample_probabilities: list[float] | None = None
@@ -83,13 +85,23 @@ class LayerDropper:
         }
 
     def install(self) -> None:
+        """Wrap each block's current forward (one changed since the last ``remove`` included)."""
+        if self.installed:
+            return
         for block in self.blocks:
+            block.original = block.module.forward
+            block.own_forward = "forward" in block.module.__dict__
             block.module.forward = self._forward_of(block)
+        self.installed = True
 
     def remove(self) -> None:
+        """Put back the forwards ``install`` found."""
         for block in self.blocks:
-            if "forward" in block.module.__dict__:
+            if block.own_forward:
+                block.module.forward = block.original
+            elif "forward" in block.module.__dict__:
                 del block.module.forward
+        self.installed = False
 
     def formats(self) -> dict[str, int]:
         """The output format each block showed (0: a tensor, n: a tuple of n), for checkpoints."""
