@@ -1,4 +1,4 @@
-"""``lightning-sft report LOGDIR [LOGDIR ...]``: one picture comparing runs at a glance.
+"""One picture comparing runs at a glance (``lightning-sft report``, :mod:`lightning_sft.cli.report`).
 
 Reads every ``metrics.csv`` (Lightning's CSVLogger) under the given directories, plots loss,
 accuracy and the efficiency metrics of each run side by side into a PNG, and writes an HTML page
@@ -10,12 +10,10 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import json
 import math
 from pathlib import Path
 
 from lightning_sft.atomic_io import atomic_path
-from lightning_sft.usage import UsageParser
 
 # (metric key, panel title); a panel is drawn when any run has the key.
 PANELS = [
@@ -125,25 +123,3 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
-
-
-def main(argv: list[str]) -> int:
-    parser = UsageParser(prog="lightning-sft report", description=__doc__.splitlines()[0])
-    parser.add_argument("log_dirs", nargs="+", type=Path, help="run directories or parents of several runs")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first LOGDIR)")
-    args = parser.parse_args(argv)
-    try:
-        runs = find_runs(args.log_dirs)
-        out_dir = args.out or args.log_dirs[0]
-        png, page = out_dir / "report.png", out_dir / "report.html"
-        plot({label: read_metrics(path / "metrics.csv") for label, path in runs.items()}, png)
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
-    summaries = {
-        label: json.loads((path / "summary.json").read_text())
-        for label, path in runs.items()
-        if (path / "summary.json").is_file()
-    }
-    write_html(png, summaries, page)
-    print(f"wrote {png} and {page} ({len(runs)} run{'s' if len(runs) != 1 else ''})")
-    return 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from generated_docs import check_generated
@@ -14,6 +16,8 @@ from lightning_sft.callbacks.base import SFTCallback, compatibility_table
 PURE = [
     "anatomy", "adapters", "sparse_ft", "memory", "recipes", "sparsity", "kernels", "layer_dropout.schedules",
     "rank_search", "sharding", "restore_point", "usage",
+    # the command line's registry and the subcommands that train nothing start without Lightning
+    "cli", "cli.plan", "cli.diff", "cli.report",
 ]
 
 
@@ -23,6 +27,21 @@ def test_a_pure_package_imports_without_lightning(package: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]", f"lightning_sft.{package} loads {result.stdout.strip()}"
+
+
+def test_no_callback_imports_another_callback_module() -> None:
+    """Callbacks know each other only through their declarations (``excludes``, ``requires``, ``forward_wrappers``)."""
+    folder = Path(public.__file__).parent
+    shared = {"__init__", "base", "side_loop"}
+    callback_modules = {path.stem for path in folder.glob("*.py")} - shared
+    assert len(callback_modules) >= 9
+    for stem in sorted(callback_modules):
+        tree = ast.parse((folder / f"{stem}.py").read_text())
+        run_time = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]  # not under TYPE_CHECKING
+        imported = {node.module for node in run_time if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in run_time if isinstance(node, ast.Import) for alias in node.names}
+        others = {name for name in imported if name.rsplit(".", 1)[-1] in callback_modules and "callbacks" in name}
+        assert not others, f"callbacks/{stem}.py imports {sorted(others)}"
 
 
 def test_the_root_names_load_on_first_use() -> None:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_sft.assets import SHIPPED_MODELS
 from lightning_sft.pretraining.corpus import number_text
-from lightning_sft.pretraining.run import main as pretrain_main
+from lightning_sft.cli.pretrain import main as pretrain_main
 
 BASE = SHIPPED_MODELS["sft-llama-5m"]
 

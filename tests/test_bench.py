@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from lightning_sft.bench import main
+from lightning_sft.cli.bench import main
 from lightning_sft.bench.timing import interleaved, paired_ratios, summarize, time_call
 
 TINY = [

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lightning_sft.bench.kernels as kernels
-from lightning_sft.bench import main
+from lightning_sft.cli.bench import main
 
 TINY = ["--hidden", "32", "--intermediate", "64", "--kv", "16", "--tokens", "16", "--sparsities", "0.5,0.9",
         "--warmup", "0", "--reps", "1", "--threads", "1"]  # fmt: skip

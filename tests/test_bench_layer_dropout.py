@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from lightning_sft.bench import layer_dropout, main
+from lightning_sft.bench import layer_dropout
+from lightning_sft.cli.bench import main
 
 
 def test_speed_part_predicts_saved_activations_from_the_blocks_dropped() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from lightning_sft.bench import main, quality
+from lightning_sft.cli.bench import main, quality
 
 
 def test_pairs_variants_with_dense_per_seed(monkeypatch: pytest.MonkeyPatch) -> None:

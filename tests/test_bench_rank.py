@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lightning_sft.bench import main, rank
+from lightning_sft.cli.bench import main, rank
 
 
 def _summary(params: int, test_loss: float, step_seconds: float = 0.1, search: dict | None = None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from lightning_sft.bench import main
+from lightning_sft.cli.bench import main
 
 
 def test_recall_bench_reports_every_layer_and_the_target(tmp_path, capsys):

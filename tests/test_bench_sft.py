@@ -13,7 +13,7 @@ import torch
 
 from lightning_sft import LoRA, SparseFineTuning
 from lightning_sft.adapters.injection import inject_lora
-from lightning_sft.bench import main, sparse_ft
+from lightning_sft.cli.bench import main, sparse_ft
 from lightning_sft.sparse_ft.injection import inject_sparse_deltas
 from lightning_sft.cli import SFTCLI
 from lightning_sft.modules.causal_lm import build_model

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_sft.bench import main
+from lightning_sft.cli.bench import main
 from lightning_sft.bench.sparsity import count_flops
 
 TINY = [

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
 from lightning_sft import EfficiencyMonitor, LoRA, lora_layers
-from lightning_sft import cli as cli_module
+from lightning_sft.cli import train as train_module
 from lightning_sft.cli import FeatureFlag, SFTCLI, main
 from lightning_sft.data import RandomTokenData
 from lightning_sft.modules import PRESETS, CausalLM
@@ -170,7 +170,7 @@ def test_feature_flag_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
             "--dummy-mode", help="Dummy mode.", choices=("off", "a", "b"), default="off", build=lambda mode: None
         ),
     }
-    monkeypatch.setattr(cli_module, "FEATURE_FLAGS", flags)
+    monkeypatch.setattr(train_module, "FEATURE_FLAGS", flags)
 
     cli = SFTCLI(args=_trainer_args(tmp_path, "--dummy-rate", "0.25", "--dummy-mode", "a"), run=False)
     (dummy,) = _callbacks_of(cli, _Dummy)
@@ -196,7 +196,7 @@ def test_bench_is_dispatched_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(argv)
         return 3 if "--fail" in argv else 0
 
-    monkeypatch.setitem(sys.modules, "lightning_sft.bench", types.SimpleNamespace(main=fake_main))
+    monkeypatch.setitem(sys.modules, "lightning_sft.cli.bench", types.SimpleNamespace(main=fake_main))
     main(["bench", "lora", "--steps", "2"])
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--fail"])

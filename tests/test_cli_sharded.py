@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lightning_sft import load_adapter, lora_layers
-from lightning_sft.memory import plan_cli
+from lightning_sft.cli import plan as plan_cli
 from lightning_sft.modules.causal_lm import build_model
 
 

@@ -307,7 +307,7 @@ def test_bad_settings_fail_before_the_simulation_starts(partitions: Path) -> Non
 def test_cli_runs_a_small_federation_and_writes_its_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from lightning_sft.federated.cli import main
+    from lightning_sft.cli.federated import main
 
     code = main([
         "--clients", "2", "--rounds", "1", "--local-steps", "2", "--personal", "last:1", "--budgets", "1,0.7",
@@ -333,7 +333,7 @@ def test_cli_runs_a_small_federation_and_writes_its_report(tmp_path: Path, capsy
 def test_cli_refuses_bad_settings_with_exit_2_before_simulating(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lightning_sft.federated.cli import main
+    from lightning_sft.cli.federated import main
 
     assert main([*argv, "--num-train", "64", "--num-val", "16", "--num-test", "16", "--workdir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err

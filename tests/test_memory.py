@@ -13,8 +13,8 @@ import torch
 from lightning_sft.bench import memory as memory_bench
 from lightning_sft.bench.memory_harness import measure
 from lightning_sft.memory import PRESETS, NothingFits, TrainingSetup, estimate, hf_config, model_shape, plan
-from lightning_sft.memory.plan_cli import main as plan_main
-from lightning_sft.memory.plan_cli import parse_size
+from lightning_sft.cli.plan import main as plan_main
+from lightning_sft.cli.plan import parse_size
 from lightning_sft.memory.tracker import LiveTensors, SavedForBackward
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from lightning_sft.federated.cli import add_arguments as add_federation_arguments
-from lightning_sft.federated.cli import simulate, summary
+from lightning_sft.cli.federated import add_arguments as add_federation_arguments
+from lightning_sft.federated.run import simulate, summary
 
 NAME = "federated"
 HELP = "Personalised federated LoRA (personal layers + per-client layer dropout) vs FedAvg of all adapters."

@@ -71,7 +71,7 @@ TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bf
 VARIANTS = ("triton", "torch", "sliced", "dense")
 INTERPRETER_NOTE = "interpreter: correctness only, timings not meaningful"
 # The re-run under the interpreter: this same command, its flags resolved, in a fresh process.
-_CHILD = "import sys; from lightning_sft.bench import main; sys.exit(main(['kernels', *sys.argv[1:]]))"
+_CHILD = "import sys; from lightning_sft.cli.bench import main; sys.exit(main(['kernels', *sys.argv[1:]]))"
 
 
 @dataclass(frozen=True)

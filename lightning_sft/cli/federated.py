@@ -6,14 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from lightning_sft.atomic_io import atomic_path
 from lightning_sft.usage import UsageParser
 from lightning_sft.validation import int_at_least
 from lightning_sft.federated.aggregation import WEIGHTINGS
-from lightning_sft.federated.arithmetic import arithmetic_task, write_partitions
-from lightning_sft.federated.simulation import FederatedResult, run_federated
+from lightning_sft.federated.run import report_json, simulate, summary
+from lightning_sft.federated.simulation import FederatedResult
 
 
 def _budgets(text: str) -> tuple[float, ...]:
@@ -70,37 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs/federated", help="where the client partitions, adapters and report go")
 
 
-def simulate(args: argparse.Namespace, personal: Any, layer_dropout: Any, save: bool = True) -> tuple[FederatedResult, list[dict[str, int]]]:
-    """Partition the task into ``args.workdir`` and run the federation with this sharing and dropout."""
-    counts = write_partitions(args.workdir, args.clients, args.alpha, args.num_train, args.num_val, args.num_test, args.seed)
-    task = arithmetic_task(args.workdir, args.model, args.lr, args.batch_size, args.lora_r, 2.0 * args.lora_r, args.seed)
-    result = run_federated(
-        task, args.clients, args.rounds, args.local_steps, personal=personal, layer_dropout=layer_dropout,
-        budgets=args.budgets, weighting=args.weighting, agreement_threshold=args.agreement,
-        cpus_per_client=args.cpus_per_client, seed=args.seed,
-        save_dir=str(Path(args.workdir) / "adapters") if save else None,
-    )
-    return result, counts
-
-
-def summary(result: FederatedResult) -> dict[str, Any]:
-    """The figures a report quotes: final personalised accuracy, per-round cost, who dropped what."""
-    rounds = result.rounds
-    accuracy = result.final_accuracy()
-    last = rounds[-1] if rounds else None
-    return {
-        "accuracy": sum(accuracy.values()) / len(accuracy) if accuracy else None,
-        "client_accuracy": accuracy,
-        "train_seconds_per_round": sum(r.train_seconds for r in rounds) / len(rounds),
-        "bytes_per_round": sum(r.bytes_down + r.bytes_up for r in rounds) / len(rounds),
-        "bytes_up_per_round": sum(r.bytes_up for r in rounds) / len(rounds),
-        "failures": sum(len(r.failures) for r in rounds),
-        "personal_tensors": len(result.personal),
-        "shared_tensors": result.total_tensors - len(result.personal),
-        "drop_rates": {c: v.get("drop-rate") for c, v in sorted(last.train.items())} if last else {},
-    }
-
-
 def format_report(result: FederatedResult, counts: list[dict[str, int]]) -> str:
     lines = ["client  train examples by skill"]
     lines += [f"{i:>6}  {sum(c.values()):>5}  " + " ".join(f"{k} {v}" for k, v in c.items()) for i, c in enumerate(counts)]
@@ -134,16 +102,6 @@ def format_report(result: FederatedResult, counts: list[dict[str, int]]) -> str:
         for failure in r.failures:
             lines.append(f"round {r.round}: {failure.splitlines()[0][:200]}")
     return "\n".join(lines)
-
-
-def report_json(result: FederatedResult, counts: list[dict[str, int]]) -> dict[str, Any]:
-    return {
-        "settings": result.settings,
-        "partition": counts,
-        "summary": summary(result),
-        "personal": result.personal,
-        "rounds": [vars(r) for r in result.rounds],
-    }
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,31 @@
+"""``lightning-sft report LOGDIR [LOGDIR ...]``: one picture comparing runs at a glance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning_sft.report import find_runs, plot, read_metrics, write_html
+from lightning_sft.usage import UsageParser
+
+
+def main(argv: list[str]) -> int:
+    parser = UsageParser(prog="lightning-sft report", description=__doc__.splitlines()[0].split(': ', 1)[1])
+    parser.add_argument("log_dirs", nargs="+", type=Path, help="run directories or parents of several runs")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first LOGDIR)")
+    args = parser.parse_args(argv)
+    try:
+        runs = find_runs(args.log_dirs)
+        out_dir = args.out or args.log_dirs[0]
+        png, page = out_dir / "report.png", out_dir / "report.html"
+        plot({label: read_metrics(path / "metrics.csv") for label, path in runs.items()}, png)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    summaries = {
+        label: json.loads((path / "summary.json").read_text())
+        for label, path in runs.items()
+        if (path / "summary.json").is_file()
+    }
+    write_html(png, summaries, page)
+    print(f"wrote {png} and {page} ({len(runs)} run{'s' if len(runs) != 1 else ''})")
+    return 0
