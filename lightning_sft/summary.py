@@ -17,9 +17,14 @@ def run_summary(
     wall_clock_s: float,
     adapter: Path | None,
     diff: Path | None = None,
+    fit_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A JSON-serialisable record of the run (``monitor`` is the EfficiencyMonitor, if one ran)."""
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+    """A JSON-serialisable record of the run (``monitor`` is the EfficiencyMonitor, if one ran).
+
+    ``fit_metrics`` is ``trainer.callback_metrics`` as the fit left them: a test pass run after the fit
+    replaces them (default: the trainer's current ones)."""
+    source = trainer.callback_metrics if fit_metrics is None else fit_metrics
+    metrics = {key: float(value) for key, value in source.items() if value.numel() == 1}
     totals = dict(getattr(monitor, "fit_totals", None) or {})
     seconds = totals.get("seconds", 0.0)
     summary: dict[str, Any] = {
@@ -48,6 +53,7 @@ _ROWS = [
     ("steps", "optimizer steps", "{:.0f}"),
     ("train_loss", "train loss (last step)", "{:.4f}"),
     ("val_loss", "validation loss", "{:.4f}"),
+    ("val_acc", "validation exact match", "{:.1%}"),
     ("test_loss_before", "test loss, before", "{:.4f}"),
     ("test_loss_after", "test loss, after", "{:.4f}"),
     ("test_acc_before", "test exact match, before", "{:.1%}"),

@@ -77,12 +77,13 @@ def test_main_job_writes_logs_adapter_summary_and_report(tmp_path: Path, capsys:
     assert list(run.glob("events.out.tfevents.*")) and (run / "metrics.csv").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["trainable_params"] < summary["total_params"]
-    for key in ("test_acc_before", "test_acc_after", "test_loss_before", "test_loss_after", "tokens_per_s",
-                "effective_flops"):
+    for key in ("train_loss", "val_loss", "val_acc", "test_acc_before", "test_acc_after", "test_loss_before",
+                "test_loss_after", "tokens_per_s", "effective_flops"):  # the final test pass keeps the fit's figures
         assert summary[key] is not None, key
     assert summary["test_loss_after"] < summary["test_loss_before"]  # 3 steps already help
     out = capsys.readouterr().out
     assert "Run summary" in out and "test exact match, before" in out
+    assert "train loss (last step)" in out and "validation exact match" in out
 
     other = tmp_path / "other_run"  # a second run, to compare side by side
     other.mkdir()

@@ -148,10 +148,12 @@ class SFTCLI(LightningCLI):
             adapter = save_adapter(self.model, directory / "adapter")  # every rank: a sharded model is gathered
         if any(isinstance(cb, SparseFineTuning) for cb in self.trainer.callbacks) and sparse_delta_layers(self.model):
             diff = save_diff(self.model, directory / "diff.safetensors")
+        fit_metrics = dict(self.trainer.callback_metrics)  # the test pass below replaces them
         after = self._test_metrics()
         monitor = next((cb for cb in self.trainer.callbacks if isinstance(cb, EfficiencyMonitor)), None)
         summary = run_summary(
-            self.trainer, self.model, self._before, after, monitor, time.perf_counter() - self._started, adapter, diff
+            self.trainer, self.model, self._before, after, monitor, time.perf_counter() - self._started, adapter, diff,
+            fit_metrics,
         )
         search = next((cb for cb in self.trainer.callbacks if isinstance(cb, AdaptiveRankSearch)), None)
         if search is not None and search.record is not None:
