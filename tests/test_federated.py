@@ -338,3 +338,20 @@ def test_cli_refuses_bad_settings_with_exit_2_before_simulating(
     assert main([*argv, "--num-train", "64", "--num-val", "16", "--num-test", "16", "--workdir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize(("tolerate", "code"), [([], 1), (["--tolerate-failures"], 0)])
+def test_cli_exits_1_when_a_client_failed_in_the_last_round(
+    tolerate: list[str], code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_sft.cli import federated as command
+    from lightning_sft.federated.server import RoundRecord
+    from lightning_sft.federated.simulation import FederatedResult
+
+    failed = RoundRecord(round=1, train_seconds=1.0, failures=["Client 1: ValueError: needs 2 validation batches\n  ..."])
+    result = FederatedResult(rounds=[failed], shared={}, personal=[], total_tensors=4)
+    monkeypatch.setattr(command, "simulate", lambda args, personal, dropout: (result, [{"add": 1}, {"sub": 1}]))
+    assert command.main(["--workdir", str(tmp_path), *tolerate]) == code
+    err = capsys.readouterr().err
+    assert ("client(s) failed in the last round: Client 1: ValueError" in err) == (code == 1)
+    assert (tmp_path / "report.json").is_file()  # the report is written either way

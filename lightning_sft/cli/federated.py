@@ -112,6 +112,8 @@ def main(argv: list[str]) -> int:
     )
     add_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--tolerate-failures", action="store_true",
+                        help="exit 0 even when a client failed in the last round (default: exit 1)")
     args = parser.parse_args(argv)
     try:
         result, counts = simulate(args, args.personal, args.layer_dropout)
@@ -123,4 +125,9 @@ def main(argv: list[str]) -> int:
         tmp.write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(result, counts))
     print(f"report: {Path(args.workdir) / 'report.json'}; adapters: {Path(args.workdir) / 'adapters'}", file=sys.stderr)
+    failed = result.rounds[-1].failures if result.rounds else []
+    if failed and not args.tolerate_failures:
+        print(f"lightning-sft federated: error: {len(failed)} client(s) failed in the last round: "
+              f"{failed[0].splitlines()[0][:200]} (--tolerate-failures exits 0 anyway)", file=sys.stderr)
+        return 1
     return 0
