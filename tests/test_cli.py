@@ -329,3 +329,16 @@ def test_help_and_the_docs_list_every_command_from_one_registry(capsys: pytest.C
     epilog = " ".join(capsys.readouterr().out.split())
     assert all(f"{c.name}: " in epilog for c in COMMANDS)
     check_generated("cli.md", "command list", command_table(), "tests/test_cli.py")
+
+
+def test_a_failed_fit_leaves_no_log_directory_and_fits_print_no_adverts(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "1+1="\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_sft.cli", "fit", *_trainer_args(tmp_path), "--data.train_file", str(broken)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"lightning-sft fit: error: {broken}:1:")
+    assert not list((tmp_path / "lightning_logs").glob("version_*"))  # nothing left of the failed attempt
+    assert "Tip:" not in result.stderr + result.stdout and "LeafSpec" not in result.stderr

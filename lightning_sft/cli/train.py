@@ -8,7 +8,10 @@ classes. See ``docs/cli.md``.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -41,6 +44,21 @@ class _OneLineErrors(LightningArgumentParser):
         exit_with_usage_error(prog, message, f"{prog} --help lists the options")
 
 
+def _quiet_lightning_adverts() -> None:
+    """Drop what every fit printed that is no advice about the run: Lightning's cloud-service "Tip" lines,
+    and the pytree deprecation Lightning's own code triggers on this torch (nothing a user can act on)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
 class SFTCLI(LightningCLI):
     """``LightningCLI`` defaulting to the main job (``configs/demo.yaml``), with LoRA and EfficiencyMonitor on.
 
@@ -50,6 +68,7 @@ class SFTCLI(LightningCLI):
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        _quiet_lightning_adverts()
         options: dict[str, Any] = {
             "model_class": pl.LightningModule,
             "datamodule_class": pl.LightningDataModule,
@@ -135,6 +154,18 @@ class SFTCLI(LightningCLI):
                 extra.remove(callback)
         return self._instantiate_trainer(config, extra)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's, removing the log directory a failed run created when it holds only the logs of the
+        failure (no checkpoint, adapter or diff), so failed attempts leave no ``version_N`` behind."""
+        log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+        existed = log_dir is not None and log_dir.exists()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if log_dir is not None and not existed and self.trainer.is_global_zero:
+                _remove_if_only_logs(log_dir)
+            raise
+
     def before_fit(self) -> None:
         """Score the untouched base on the test split, so the summary can show what fine-tuning changed."""
         self._started = time.perf_counter()
@@ -172,3 +203,11 @@ class SFTCLI(LightningCLI):
         return {key: float(value) for key, value in results[0].items()} if results else {}
 
 
+# What the loggers and LightningCLI write into a run directory before any training result exists.
+_LOG_ONLY = ("events.out.tfevents.*", "hparams.yaml", "metrics.csv", "config.yaml")
+
+
+def _remove_if_only_logs(directory: Path) -> None:
+    entries = list(directory.iterdir()) if directory.is_dir() else []
+    if all(entry.is_file() and any(entry.match(pattern) for pattern in _LOG_ONLY) for entry in entries):
+        shutil.rmtree(directory, ignore_errors=True)
