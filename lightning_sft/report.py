@@ -15,17 +15,22 @@ from pathlib import Path
 
 from lightning_sft.atomic_io import atomic_path
 
-# (metric key, panel title); a panel is drawn when any run has the key.
+# (metric key, panel title, scale of the logged value); a panel is drawn when any run has the key.
 PANELS = [
-    ("train_loss", "train loss"),
-    ("val_loss", "validation loss"),
-    ("val_acc", "validation exact match"),
-    ("efficiency/tokens_per_s", "tokens / s"),
-    ("efficiency/step_time_s", "step time (s)"),
-    ("efficiency/flops_ratio", "effective / dense FLOPs"),
-    ("efficiency/effective_flops_per_step", "effective FLOPs / step"),
-    ("efficiency/peak_memory_bytes", "peak memory (bytes)"),
+    ("train_loss", "train loss", 1.0),
+    ("val_loss", "validation loss", 1.0),
+    ("val_acc", "validation exact match", 1.0),
+    ("efficiency/tokens_per_s", "tokens / s", 1.0),
+    ("efficiency/step_time_s", "step time (s)", 1.0),
+    ("efficiency/flops_ratio", "effective / dense FLOPs", 1.0),
+    ("efficiency/effective_flops_per_step", "effective FLOPs / step", 1.0),
+    ("efficiency/peak_memory_bytes", "peak memory (MiB)", 2.0**-20),
 ]
+
+
+def run_labels(runs: dict[str, Path], summaries: dict[str, dict]) -> dict[str, str]:
+    """Each run's legend label: the method its summary names, then its directory (``LoRA r=16 (version_3)``)."""
+    return {key: f"{summaries[key]['method']} ({key})" if summaries.get(key, {}).get("method") else key for key in runs}
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -65,28 +70,41 @@ def find_runs(log_dirs: list[Path]) -> dict[str, Path]:
     return runs
 
 
-def plot(runs: dict[str, dict[str, list[tuple[int, float]]]], out: Path) -> None:
+def plot(runs: dict[str, dict[str, list[tuple[int, float]]]], out: Path,
+         tests: dict[str, tuple[float, float]] | None = None) -> None:
+    """One panel per logged metric, each run a line (a single point is a marker); ``tests`` (label ->
+    test exact match before and after fine-tuning) adds a panel of bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(key, title) for key, title in PANELS if any(key in series for series in runs.values())]
+    panels = [(key, title, scale) for key, title, scale in PANELS if any(key in series for series in runs.values())]
     if not panels:
-        raise ValueError("The runs logged none of the plotted metrics: " + ", ".join(key for key, _ in PANELS))
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
+        raise ValueError("The runs logged none of the plotted metrics: " + ", ".join(key for key, _, _ in PANELS))
+    tests = tests or {}
+    count = len(panels) + bool(tests)
+    cols = min(4, count)
+    rows = math.ceil(count / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for axis, (key, title) in zip(axes.flat, panels):
+    for axis, (key, title, scale) in zip(axes.flat, panels):
         for label, series in runs.items():
             points = series.get(key)
             if points:
                 steps, values = zip(*points)
-                axis.plot(steps, values, marker="o" if len(points) < 15 else None, markersize=3, label=label)
+                axis.plot(steps, [v * scale for v in values], marker="o" if len(points) < 15 else None,
+                          markersize=3 if len(points) > 1 else 6, label=label)
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(panels):]:
+    if tests:
+        axis = list(axes.flat)[len(panels)]
+        for index, (label, (before, after)) in enumerate(tests.items()):
+            axis.bar([index - 0.2, index + 0.2], [100 * before, 100 * after], width=0.4, color=["#bbbbbb", f"C{index}"])
+        axis.set_xticks(range(len(tests)), [f"run {i + 1}" for i in range(len(tests))])
+        axis.set_title("test exact match %, before (grey) / after")
+        axis.grid(alpha=0.3, axis="y")
+    for axis in list(axes.flat)[count:]:
         axis.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize="small")

@@ -7,6 +7,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_sft.callbacks.base import run_name
+
 
 def run_summary(
     trainer: pl.Trainer,
@@ -28,6 +30,7 @@ def run_summary(
     totals = dict(getattr(monitor, "fit_totals", None) or {})
     seconds = totals.get("seconds", 0.0)
     summary: dict[str, Any] = {
+        "method": run_name(trainer.callbacks),
         "steps": trainer.global_step,
         "train_loss": metrics.get("train_loss"),
         "val_loss": metrics.get("val_loss"),
@@ -50,6 +53,7 @@ def run_summary(
 
 
 _ROWS = [
+    ("method", "method", "{}"),
     ("steps", "optimizer steps", "{:.0f}"),
     ("train_loss", "train loss (last step)", "{:.4f}"),
     ("val_loss", "validation loss", "{:.4f}"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import subprocess
 import sys
 import types
@@ -93,6 +94,10 @@ def test_main_job_writes_logs_adapter_summary_and_report(tmp_path: Path, capsys:
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     page = (tmp_path / "report" / "report.html").read_text()
     assert "data:image/png;base64," in page and "test_acc_after" in page
+    assert summary["method"] == "LoRA r=16" and "LoRA r=16 (version_0)" in page  # runs are named by their method
+    assert "LoRA r=16" in out
+    for written in ("report.png", "report.html"):  # readable by others, as any file the user writes
+        assert (tmp_path / "report" / written).stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path / "missing")])
 

@@ -29,6 +29,9 @@ class AttentionImplementation(SFTCallback):
         self.implementation = check_implementation(implementation)
         self._previous: str | None = None
 
+    def run_label(self) -> str:
+        return f"attention {self.implementation}"
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.begin_setup(trainer, pl_module, stage)
         if self._previous is not None:

@@ -61,6 +61,10 @@ class SFTCallback(Callback):
         subclass declaring ``excludes_when`` says here whether its settings make the conflict."""
         return type(self).excludes.get(type(other).__name__)
 
+    def run_label(self) -> str:
+        """How a run names this callback in its summary and in the report's legend ("" leaves it out)."""
+        return type(self).__name__
+
     def forward_wrappers(self) -> list[ForwardWrapper]:
         """What this callback installed over the module's block forwards; a callback that changes those
         forwards takes them off first and puts them back after, so they stay outermost."""
@@ -105,6 +109,12 @@ def beneath_forward_wrappers(trainer: pl.Trainer) -> Iterator[None]:
     finally:
         for wrapper in wrappers:
             wrapper.install()
+
+
+def run_name(callbacks: list[Callback]) -> str:
+    """A run's name from the methods its callbacks apply, e.g. ``"LoRA r=16 + sparsity svd 0.5"``."""
+    labels = [cb.run_label() for cb in callbacks if isinstance(cb, SFTCallback)]
+    return " + ".join(label for label in labels if label) or "no method"
 
 
 def check_combination(ours: list[SFTCallback]) -> None:

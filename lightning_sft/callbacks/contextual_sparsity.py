@@ -150,6 +150,9 @@ class ContextualSparsity(SFTCallback):
         self._residual_hooks: list[RemovableHandle] = []
         self._estimator_map: dict[str, tuple[str, ChannelEstimator]] = {}
 
+    def run_label(self) -> str:
+        return f"sparsity {self.strategy} {self.mlp_sparsity:g}"
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.begin_setup(trainer, pl_module, stage)
         if stage == "fit":

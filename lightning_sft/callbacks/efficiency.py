@@ -111,6 +111,9 @@ class EfficiencyMonitor(SFTCallback):
         self._batch_backward = False
         self._batch_measured: int | None = None
 
+    def run_label(self) -> str:
+        return ""  # it measures the run and changes nothing in it
+
     @property
     def _wants_measurement(self) -> bool:
         return self.measure_flops and not self._flops_failed and self.dense_flops_per_token is None

@@ -55,6 +55,9 @@ class EightBitOptimizer(SFTCallback):
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ImportError("EightBitOptimizer needs bitsandbytes: `pip install bitsandbytes` (CPU and CUDA).")
 
+    def run_label(self) -> str:
+        return "8-bit optimizer"
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return

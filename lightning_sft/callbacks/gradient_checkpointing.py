@@ -41,6 +41,9 @@ class GradientCheckpointing(SFTCallback):
         self.block_paths = list(blocks) if blocks is not None else None
         self.checkpointed: list[str] = []
 
+    def run_label(self) -> str:
+        return "checkpointing"
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.checkpointed:
             return

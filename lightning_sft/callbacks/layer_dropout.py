@@ -142,6 +142,9 @@ class LayerDropout(SFTCallback):
 
     # -- set-up ------------------------------------------------------------------------------------
 
+    def run_label(self) -> str:
+        return "layer-dropout " + ("auto" if self.auto else f"{self.rate:g}")
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.dropper is not None:
             return

@@ -86,6 +86,9 @@ class LoRA(SFTCallback):
         self._injected_into: int | None = None
         self._hooked: set[int] = set()
 
+    def run_label(self) -> str:
+        return f"LoRA r={self.config.r}"
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.begin_setup(trainer, pl_module, stage)
         if self.quantize is not None:

@@ -142,6 +142,9 @@ class SparseFineTuning(SFTCallback):
 
     # -- set-up -------------------------------------------------------------------------------------
 
+    def run_label(self) -> str:
+        return f"sparse FT {self.density:.3g}"
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.begin_setup(trainer, pl_module, stage)
         if lora_layers(pl_module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lightning_sft.report import find_runs, plot, read_metrics, write_html
+from lightning_sft.report import find_runs, plot, read_metrics, run_labels, write_html
 from lightning_sft.usage import UsageParser
 
 
@@ -18,14 +18,16 @@ def main(argv: list[str]) -> int:
         runs = find_runs(args.log_dirs)
         out_dir = args.out or args.log_dirs[0]
         png, page = out_dir / "report.png", out_dir / "report.html"
-        plot({label: read_metrics(path / "metrics.csv") for label, path in runs.items()}, png)
+        summaries = {
+            key: json.loads((path / "summary.json").read_text()) for key, path in runs.items()
+            if (path / "summary.json").is_file()
+        }
+        labels = run_labels(runs, summaries)
+        tests = {labels[key]: (s["test_acc_before"], s["test_acc_after"]) for key, s in summaries.items()
+                 if s.get("test_acc_before") is not None and s.get("test_acc_after") is not None}
+        plot({labels[key]: read_metrics(path / "metrics.csv") for key, path in runs.items()}, png, tests)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    summaries = {
-        label: json.loads((path / "summary.json").read_text())
-        for label, path in runs.items()
-        if (path / "summary.json").is_file()
-    }
-    write_html(png, summaries, page)
+    write_html(png, {labels[key]: summary for key, summary in summaries.items()}, page)
     print(f"wrote {png} and {page} ({len(runs)} run{'s' if len(runs) != 1 else ''})")
     return 0
