@@ -347,3 +347,26 @@ def test_a_failed_fit_leaves_no_log_directory_and_fits_print_no_adverts(tmp_path
     assert result.stderr.strip().splitlines()[-1].startswith(f"lightning-sft fit: error: {broken}:1:")
     assert not list((tmp_path / "lightning_logs").glob("version_*"))  # nothing left of the failed attempt
     assert "Tip:" not in result.stderr + result.stdout and "LeafSpec" not in result.stderr
+
+
+def test_the_progress_bar_counts_steps_of_max_steps_across_epochs() -> None:
+    from lightning_sft.cli.progress import StepProgressBar
+
+    bar = StepProgressBar()
+    seen: list[tuple[float, float | None, str]] = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            task = bar.train_progress_bar
+            seen.append((task.completed, task.total, task.description.strip()))
+
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_steps=6, accelerator="cpu", callbacks=[bar, Watch()], logger=False, enable_checkpointing=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )
+    model = CausalLM(model="tiny-llama", lr=1e-3)
+    trainer.fit(model, datamodule=RandomTokenData(seq_len=8, batch_size=2, num_train=8, num_val=1))  # 4 batches/epoch
+    assert trainer.current_epoch >= 1  # the fit spans two epochs
+    assert [completed for completed, _, _ in seen] == [1, 2, 3, 4, 5, 6]  # Watch runs after the bar updated
+    assert {total for _, total, _ in seen} == {6} and seen[-1][2] == "Step"

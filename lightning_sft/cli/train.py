@@ -16,16 +16,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_sft.adapters import lora_layers, save_adapter
 from lightning_sft.callbacks import AdaptiveRankSearch, EfficiencyMonitor, LoRA, SparseFineTuning
 from lightning_sft.cli import commands_epilog
 from lightning_sft.cli.flags import DEFAULT_CALLBACKS, FEATURE_FLAGS, flag_summary
+from lightning_sft.cli.progress import StepProgressBar
 from lightning_sft.sparse_ft import save_diff, sparse_delta_layers
 from lightning_sft.summary import format_summary, run_summary
 from lightning_sft.usage import debugging, exit_with_usage_error
@@ -144,6 +146,9 @@ class SFTCLI(LightningCLI):
                 rank_zero_info(f"Using the {type(callback).__name__} from trainer.callbacks; ignoring {source}.")
             else:
                 extra.append(callback)
+        wants_bar = config.get("enable_progress_bar") is not False
+        if wants_bar and _RICH_AVAILABLE and not any(isinstance(cb, ProgressBar) for cb in present):
+            extra.append(StepProgressBar())  # steps of max_steps, not batches of an epoch
         chosen = present + extra
         for callback in list(extra):
             # A default the run's other callbacks exclude (LoRA beside SparseFineTuning) is left out.
