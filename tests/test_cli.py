@@ -370,3 +370,20 @@ def test_the_progress_bar_counts_steps_of_max_steps_across_epochs() -> None:
     assert trainer.current_epoch >= 1  # the fit spans two epochs
     assert [completed for completed, _, _ in seen] == [1, 2, 3, 4, 5, 6]  # Watch runs after the bar updated
     assert {total for _, total, _ in seen} == {6} and seen[-1][2] == "Step"
+
+
+def test_a_model_directory_without_a_tokenizer_asks_for_data_tokenizer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    bare = tmp_path / "bare_llama"  # weights and config only, as save_pretrained of a model writes them
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(bare)
+    with pytest.raises(SystemExit) as caught:
+        main(["fit", *_trainer_args(tmp_path / "runs", "--model.model", str(bare))])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{bare} holds no tokenizer" in err and "--data.tokenizer DIR" in err
+    assert "sentencepiece" not in err and "Traceback" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
@@ -42,6 +43,10 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, to
         batch["attention_mask"][row, :n] = 1
         batch["labels"][row, :n] = sample["labels"]
     return batch
+
+
+# Files one of which a saved tokenizer directory has (fast, config, sentencepiece, BPE).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class PromptResponseData(pl.LightningDataModule):
@@ -98,6 +103,12 @@ class PromptResponseData(pl.LightningDataModule):
             directory = resolve_model_dir(name)
             if directory is None:
                 raise ValueError(f"The model {name!r} has no tokenizer directory; pass --data.tokenizer DIR.")
+            if not any((Path(directory) / file).is_file() for file in _TOKENIZER_FILES):
+                # transformers would guess a slow tokenizer and ask for sentencepiece or tiktoken instead
+                raise ValueError(
+                    f"{directory} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); pass the directory of the"
+                    " tokenizer the model was trained with: --data.tokenizer DIR (PromptResponseData(tokenizer=DIR))."
+                )
             self._tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         return self._tokenizer
 
