@@ -67,11 +67,14 @@ def test_keep_all_equals_dense_and_real_sparsity_differs() -> None:
                                                              token_mask_fn=_all_context)]))
     sparse = _adapters(_fit([LoRA(r=4), ContextualSparsity("oracle", 0.5, 0.5, dense_layers=(), dense_warmup=0,
                                                            token_mask_fn=_all_context)]))
+    assert dense and dense.keys() == keep_all.keys() == sparse.keys()
     for name in dense:
-        # keep-all runs the gathered products (all indices), which round differently from the dense
-        # ones (~1e-7 on one step); Adam turns that into ~1e-5 steps on near-zero entries.
-        torch.testing.assert_close(keep_all[name], dense[name], rtol=1e-5, atol=1e-4)
-    assert any(not torch.allclose(sparse[name], dense[name], atol=1e-3) for name in dense)
+        # keep-all runs the gathered products (all indices), which round differently from the dense ones
+        # (~1e-7 relative). Adam divides each gradient entry by its own size, so on entries whose sum nearly
+        # cancels that relative error is large and moves the weight by up to lr times it: 3.5e-4 seen after
+        # three steps at lr 1e-2. Real sparsity moves every adapter by more than 3e-2.
+        torch.testing.assert_close(keep_all[name], dense[name], rtol=1e-5, atol=2e-3)
+        assert not torch.allclose(sparse[name], dense[name], atol=1e-2), name
 
 
 def test_callback_order_does_not_matter() -> None:

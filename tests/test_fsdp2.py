@@ -38,10 +38,12 @@ from lightning_sft.strategies import FSDP2Strategy  # noqa: E402
 
 # FSDP2 and DDP on 2 processes compute the same sums (a sum of two terms has one order): bit for bit.
 EXACT = dict(rtol=0, atol=0)
-# One process sums the batch of 8 in another order than two of 4; the runs still agree far beyond what a
-# wrong shard, a missing reduction or a wrong channel choice would give (> 1e-3).
+# One process sums the batch of 8 in another order than two of 4 (fp32 rounding, ~1e-7 relative). The
+# losses agree to that; the weights less, as Adam divides each gradient entry by its own size, so a nearly
+# cancelling entry's large relative error moves its weight by up to lr (1e-2) times it: 1e-5 seen after four
+# steps. Both stay far below what a wrong shard, a missing reduction or a wrong channel gives (> 1e-3).
 LOSS_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
-TENSOR_TOLERANCE = dict(rtol=1e-4, atol=1e-6)
+TENSOR_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 # QLoRA dequantizes the 4-bit base in each product; Adam's first steps turn its rounding differences in
 # near-zero gradients into updates of a few 1e-6.
 QLORA_TOLERANCE = dict(rtol=1e-3, atol=2e-5)

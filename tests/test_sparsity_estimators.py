@@ -262,8 +262,8 @@ def _scores_from_sliced(
     q_sel: torch.Tensor, q_idx: torch.Tensor, k_sel: torch.Tensor, k_idx: torch.Tensor
 ) -> torch.Tensor:
     """What an implementation computes from sliced projections placed back at their indices."""
-    q = torch.zeros(q_sel.shape[0], N_HEADS * HEAD_DIM).index_copy(1, q_idx, q_sel)
-    k = torch.zeros(k_sel.shape[0], N_KV * HEAD_DIM).index_copy(1, k_idx, k_sel)
+    q = q_sel.new_zeros(q_sel.shape[0], N_HEADS * HEAD_DIM).index_copy(1, q_idx, q_sel)
+    k = k_sel.new_zeros(k_sel.shape[0], N_KV * HEAD_DIM).index_copy(1, k_idx, k_sel)
     q_heads, k_heads = q.reshape(-1, N_HEADS, HEAD_DIM), k.reshape(-1, N_KV, HEAD_DIM)
     return torch.stack([q_heads[:, h] @ k_heads[:, h // GROUP].T for h in range(N_HEADS)])
 
@@ -278,6 +278,9 @@ def test_gqa_index_maps_pair_query_and_key_dims() -> None:
     assert torch.equal(idx.k, qk_idx) and torch.equal(idx.v, v_idx)
     assert idx.q.numel() == GROUP * qk_idx.numel() and idx.o.numel() == GROUP * v_idx.numel()
 
+    # The products in float64: sliced and masked-full sums add the same terms in another order, which
+    # fp32 rounds apart by up to ~n*eps*sum|terms| (3e-5 seen); an index map error moves scores by O(1).
+    tokens, wq, wk = tokens.double(), wq.double(), wk.double()
     q_sel, k_sel = tokens @ wq[idx.q].T, tokens @ wk[idx.k].T  # sliced frozen weights
     reference = _reference_scores(tokens @ wq.T, tokens @ wk.T, qk_idx)
     torch.testing.assert_close(_scores_from_sliced(q_sel, idx.q, k_sel, idx.k), reference)
