@@ -21,8 +21,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 
-from lightning_sft.adapters.injection import inject_lora, lora_layers
-from lightning_sft.anatomy.modules import replace_submodule
+from lightning_sft.adapters.injection import lora_layers
 from lightning_sft.callbacks.base import SFTCallback
 from lightning_sft.callbacks.side_loop import (
     batch_count,
@@ -40,14 +39,13 @@ from lightning_sft.rank_search import (
     adapter_params,
     allocate_ranks,
     best,
-    component_importance,
-    config_at_ranks,
     format_table,
     halving_schedule,
     score,
     validate_candidates,
     validate_penalty,
 )
+from lightning_sft.rank_search.trial_state import add_importance, build_adapters, restore, touched_state
 
 if TYPE_CHECKING:  # annotations only: the instance comes from `requires`
     from lightning_sft.callbacks.lora import LoRA
@@ -55,7 +53,6 @@ from lightning_sft.rng import capture_rng, restore_rng
 from lightning_sft.strategies import UNSHARDED
 from lightning_sft.validation import check_int
 
-_ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
 _WHO = "AdaptiveRankSearch"
 _FIX = "trial_steps / rounds / val_batches"
 DEFAULT_TRIAL_STEPS = 50
@@ -201,7 +198,7 @@ class AdaptiveRankSearch(SFTCallback):
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
         largest = adapter_params(shapes, self.candidates[-1])
         at_fit_start = capture_rng()
-        snapshot = _touched_state(pl_module)
+        snapshot = touched_state(pl_module)
         importance: dict[str, torch.Tensor] = {}
         trials: list[Trial] = []
         survivors = list(self.candidates)
@@ -210,7 +207,7 @@ class AdaptiveRankSearch(SFTCallback):
                 in_round = []
                 for rank in survivors:
                     began = time.perf_counter()
-                    _restore(snapshot)
+                    restore(snapshot)
                     _build(pl_module, lora, targets, rank)
                     restore_rng(at_fit_start)  # every trial: the same data order and dropout draws
                     collect = None
@@ -224,7 +221,7 @@ class AdaptiveRankSearch(SFTCallback):
                 trials += in_round
                 following = self.schedule[round_ + 1][1] if round_ + 1 < len(self.schedule) else 1
                 survivors = sorted(t.rank for t in best(in_round, following))
-        _restore(snapshot)
+        restore(snapshot)
 
         seconds = _max_over_processes(trainer, [t.seconds for t in trials])
         trials = [replace(trial, seconds=took) for trial, took in zip(trials, seconds)]
@@ -308,7 +305,7 @@ class AdaptiveRankSearch(SFTCallback):
                 (loss / accumulate).backward()
             _mean_gradients(trainer, params)
             if importance is not None:
-                _add_importance(pl_module, importance)
+                add_importance(pl_module, importance)
             pl_module.configure_gradient_clipping(optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -329,16 +326,9 @@ class AdaptiveRankSearch(SFTCallback):
 # -- helpers ---------------------------------------------------------------------------------------------
 
 def _build(pl_module: pl.LightningModule, lora: LoRA, targets: list[str], ranks: int | dict[str, int]) -> None:
-    """Replace the adapters by fresh ones at ``ranks``, drawn from the seed LoRA drew its own from, so
-    they are what a run configured with these ranks starts from; the global RNG is not touched."""
+    """Fresh adapters at ``ranks`` from the seed the LoRA callback drew its own from."""
     assert lora.init_seed is not None
-    unfrozen = [p for n, p in pl_module.named_parameters() if p.requires_grad and not n.endswith(_ADAPTER_SUFFIXES)]
-    for name, layer in lora_layers(pl_module).items():
-        replace_submodule(pl_module, name, layer.base_layer)
-    config = config_at_ranks(lora.config, targets, ranks)
-    inject_lora(pl_module, config, torch.Generator().manual_seed(lora.init_seed))
-    for param in unfrozen:  # inject_lora freezes everything else; keep what another callback unfroze
-        param.requires_grad_(True)
+    build_adapters(pl_module, lora.config, lora.init_seed, targets, ranks)
 
 
 def _check_length(
@@ -369,33 +359,10 @@ def _mean_gradients(trainer: pl.Trainer, params: list[torch.nn.Parameter]) -> No
         param.grad = piece.view_as(param).to(param.dtype)
 
 
-def _add_importance(pl_module: pl.LightningModule, importance: dict[str, torch.Tensor]) -> None:
-    for name, layer in lora_layers(pl_module).items():
-        if layer.lora_A.grad is None or layer.lora_B.grad is None:
-            continue
-        value = component_importance(layer.lora_A.detach(), layer.lora_B.detach(), layer.lora_A.grad, layer.lora_B.grad)
-        importance[name] = importance[name] + value if name in importance else value
-
-
 def _max_over_processes(trainer: pl.Trainer, values: list[float]) -> list[float]:
     """The largest value of each position over processes, so every process records the same."""
     tensor = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
     return trainer.strategy.reduce(tensor, reduce_op="max").tolist()
-
-
-def _touched_state(pl_module: pl.LightningModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of what trials may change besides the adapters: other trainable weights (a head some
-    callback unfroze) and buffers (e.g. running statistics)."""
-    tensors = [p for n, p in pl_module.named_parameters() if p.requires_grad and not n.endswith(_ADAPTER_SUFFIXES)]
-    tensors += list(pl_module.buffers())
-    return [(tensor, tensor.detach().clone()) for tensor in tensors]
-
-
-def _restore(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for tensor, saved in snapshot:
-            tensor.copy_(saved)
-            tensor.grad = None
 
 
 def _rebuild_training(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

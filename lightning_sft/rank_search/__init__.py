@@ -1,5 +1,6 @@
 """Adaptive LoRA rank search: the scoring rule, the successive-halving schedule, parameter counts and the
-per-module rank allocation (pure torch; the ``AdaptiveRankSearch`` callback runs the trials)."""
+per-module rank allocation (``search``), and what a trial changes in the module and how it is put back
+(``trial_state``). Pure torch; the ``AdaptiveRankSearch`` callback runs the trials."""
 
 from lightning_sft.rank_search.search import (
     DEFAULT_CANDIDATES,
