@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_sft.anatomy.stacks import find_stacks
-from lightning_sft.sparsity.sparse_blocks import sparse_blocks
+from lightning_sft.sparsity.sparsify import sparse_blocks
 from lightning_sft.sparsity.state import SparsityState
 
 # Marks our forwards; the value is the instance attribute ``forward`` they replaced (None: the class's).

@@ -35,8 +35,9 @@ from lightning_sft.sparsity.schedule import (
     reference_layer,
     resolve_layer_sparsity,
 )
-from lightning_sft.sparsity.sparse_blocks import SparseBlock, desparsify, kept_counts, sparse_blocks, sparsify
+from lightning_sft.sparsity.sparse_blocks import SparseBlock
 from lightning_sft.sparsity.sparse_flops import SparseFlops, attention_projection_flops, mlp_flops
+from lightning_sft.sparsity.sparsify import desparsify, kept_counts, sparse_blocks, sparsify
 from lightning_sft.sparsity.state import SparsityState
 from lightning_sft.sparsity.svd_cache import LowRankFactors, StaleCacheError, SVDCache, svd_factors, whitened_factors
 

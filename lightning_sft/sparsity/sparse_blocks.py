@@ -23,111 +23,21 @@ gradients. Pure torch (no Lightning).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sft.sharding import unsharded
-from lightning_sft.anatomy.linear import linear_features, weight_is_transposed
-from lightning_sft.adapters.lora_layer import LoRALinear
-from lightning_sft.adapters.quantization import (
-    is_quantized,
-    quantized_cols_matmul,
-    quantized_linear,
-    quantized_rows_matmul,
-)
+from lightning_sft.anatomy.linear import linear_features
 from lightning_sft.anatomy import BlockAnatomy, Slice, projection_base
-from lightning_sft.kernels import sparse_matmul
-from lightning_sft.kernels.dispatch import fused_rows_matmul
 from lightning_sft.kernels.token_rows import TokenRows
-from lightning_sft.sparsity.estimators import ChannelEstimator, build_estimator
-from lightning_sft.sparsity.schedule import kept_channels
+from lightning_sft.sparsity.estimators import ChannelEstimator
+from lightning_sft.sparsity.sparse_products import fusable, fused_sparse_rows, linear_eval, sparse_cols, sparse_rows
 from lightning_sft.sparsity.state import SparsityState
 
-_OWNER = "_lightning_sft_sparse_block"  # instance attribute marking a module a SparseBlock drives
-
-
-# -- the products ------------------------------------------------------------------------------------
-
-
-def linear_eval(layer: nn.Module, x: Tensor, bias: bool = True) -> Tensor:
-    """A projection (LoRA branch included) as in eval mode: no dropout, whatever ``training`` is."""
-    base = layer.base_layer if isinstance(layer, LoRALinear) else layer
-    if is_quantized(base):
-        out = quantized_linear(base, x, bias)
-    else:
-        weight = base.weight.t() if weight_is_transposed(base) else base.weight
-        out = F.linear(x.to(weight.dtype), weight, base.bias if bias else None)
-    if isinstance(layer, LoRALinear) and not layer.merged:
-        lora = F.linear(F.linear(x.to(layer.lora_A.dtype), layer.lora_A), layer.lora_B) * layer.scaling
-        out = out + lora.to(out.dtype)
-    return out
-
-
-def _sparse_product(kind: str, layer: nn.Module, a: Tensor, idx: Tensor) -> Tensor:
-    """``rows``: output rows ``idx`` of a projection of ``a``; ``cols``: the projection of ``a`` holding
-    only input columns ``idx`` (the others zero). A 4-bit base decodes only those rows or columns; a
-    LoRA branch keeps its dense value on them: ``(a A^T s) B[idx]^T``, or ``(a A[:, idx]^T s) B^T``."""
-    base = layer.base_layer if isinstance(layer, LoRALinear) else layer
-    if is_quantized(base):
-        out = (quantized_rows_matmul if kind == "rows" else quantized_cols_matmul)(a, base, idx)
-    else:
-        out = sparse_matmul(kind, a, base.weight, idx, base.bias, transposed=weight_is_transposed(base), check_idx=False)
-    if not isinstance(layer, LoRALinear):
-        return out
-    x = layer.dropout(a).to(layer.lora_A.dtype)
-    if kind == "rows":
-        return _add_lora_rows(out, layer, F.linear(x, layer.lora_A), idx)
-    h = F.linear(x, layer.lora_A.index_select(1, idx)) * layer.scaling
-    return out + F.linear(h, layer.lora_B).to(out.dtype)
-
-
-def sparse_rows(layer: nn.Module, x: Tensor, idx: Tensor) -> Tensor:
-    """Output rows ``idx`` of a projection (producers: gate/up, fc1, q/k/v)."""
-    return _sparse_product("rows", layer, x, idx)
-
-
-def sparse_cols(layer: nn.Module, h: Tensor, idx: Tensor) -> Tensor:
-    """The projection of ``h`` holding only input columns ``idx`` (consumers: down, fc2, o)."""
-    return _sparse_product("cols", layer, h, idx)
-
-
-def _add_lora_rows(out: Tensor, layer: LoRALinear, h: Tensor, idx: Tensor) -> Tensor:
-    """``out + (h s) B[idx]^T``, with ``h = dropout(x) A^T`` already computed."""
-    return out + F.linear(h * layer.scaling, layer.lora_B.index_select(0, idx)).to(out.dtype)
-
-
-def _fusable(layer: nn.Module) -> bool:
-    """Whether a producer can share its input's GEMMs with its siblings: a plain (not 4-bit) base, and
-    no LoRA dropout drawing a mask of its own."""
-    base = layer.base_layer if isinstance(layer, LoRALinear) else layer
-    if is_quantized(base):
-        return False
-    return not isinstance(layer, LoRALinear) or isinstance(layer.dropout, nn.Identity) or not layer.training
-
-
-def fused_sparse_rows(layers: list[nn.Module], x: Tensor, indices: list[Tensor]) -> list[Tensor]:
-    """``[sparse_rows(layer, x, idx) ...]`` for producers reading the same ``x`` (``_fusable`` ones):
-    one gather-GEMM for the bases and one GEMM for the LoRA A matrices (``x [A_1; A_2; ...]^T``)."""
-    bases = [layer.base_layer if isinstance(layer, LoRALinear) else layer for layer in layers]
-    outs = fused_rows_matmul(
-        x, [b.weight for b in bases], indices, [b.bias for b in bases], [weight_is_transposed(b) for b in bases]
-    )
-    adapted = [i for i, layer in enumerate(layers) if isinstance(layer, LoRALinear)]
-    dtypes = {layers[i].lora_A.dtype for i in adapted}
-    if len(dtypes) == 1:
-        a_cat = torch.cat([layers[i].lora_A for i in adapted])
-        hs = F.linear(x.to(a_cat.dtype), a_cat).split([layers[i].r for i in adapted], dim=-1)
-    else:
-        hs = [F.linear(x.to(layers[i].lora_A.dtype), layers[i].lora_A) for i in adapted]
-    for i, h in zip(adapted, hs):
-        outs[i] = _add_lora_rows(outs[i], layers[i], h, indices[i])
-    return outs
+OWNER = "_lightning_sft_sparse_block"  # instance attribute marking a module a SparseBlock drives
 
 
 # -- one block ---------------------------------------------------------------------------------------
@@ -204,7 +114,7 @@ class SparseBlock:
         forward starts before any projection runs, for projections replaced since."""
         targets = [*self.modules.items(), *([("", self.region)] if self.region is not None else [])]
         for path, module in targets:
-            if getattr(module, _OWNER, None) is not None:
+            if getattr(module, OWNER, None) is not None:
                 raise ValueError(f"{self.name}: {path or 'the block'} is already sparse; desparsify(model) first.")
         for path, module in targets:
             self._take_over(path, module)
@@ -217,11 +127,11 @@ class SparseBlock:
             module.__dict__["forward"] = partial(self._region_forward, original)
         else:
             module.__dict__["forward"] = partial(self._project, path, original)
-        module.__dict__[_OWNER] = self
+        module.__dict__[OWNER] = self
 
     def _hand_back(self, module: nn.Module) -> None:
         module, forward = self._saved.pop(id(module))
-        module.__dict__.pop(_OWNER, None)
+        module.__dict__.pop(OWNER, None)
         if forward is None:
             module.__dict__.pop("forward", None)
         else:
@@ -405,8 +315,8 @@ class SparseBlock:
         if plan.pending is not None and plan.pending[0] is a and path in plan.pending[1]:
             return plan.pending[1].pop(path)
         module = self.modules[path]
-        siblings = [p for p in self._producers if p != path and p not in plan.ran and _fusable(self.modules[p])]
-        if not siblings or not _fusable(module):
+        siblings = [p for p in self._producers if p != path and p not in plan.ran and fusable(self.modules[p])]
+        if not siblings or not fusable(module):
             return sparse_rows(module, a, plan.physical[path])
         paths = [path, *siblings]
         outs = fused_sparse_rows([self.modules[p] for p in paths], a, [plan.physical[p] for p in paths])
@@ -466,72 +376,3 @@ class SparseBlock:
         kept = ", ".join(f"{name} {self.keep[name]}/{g.channels}" for name, g in zip(self.keep, self.anatomy.groups))
         estimator = type(next(iter(self.estimators.values()))).__name__
         return f"SparseBlock({self.name!r}, {self.anatomy.layout}, keep {kept}, estimator={estimator})"
-
-
-# -- a whole model -----------------------------------------------------------------------------------
-
-
-def sparse_blocks(model: nn.Module) -> list[SparseBlock]:
-    """The ``SparseBlock``s installed on ``model``'s modules, in module order, once each."""
-    blocks: dict[int, SparseBlock] = {}
-    for module in model.modules():
-        block = module.__dict__.get(_OWNER)
-        if block is not None:
-            blocks.setdefault(id(block), block)
-    return list(blocks.values())
-
-
-def kept_counts(anatomy: BlockAnatomy, sparsity: float) -> dict[str, int]:
-    """Channels kept per group: attention Q/K balanced over kv heads with RoPE pairs together."""
-    if anatomy.kind == "mlp":
-        return {"mlp": kept_channels(anatomy.intermediate, sparsity)}
-    num_kv_heads = anatomy.heads[1]
-    kv = anatomy.groups[0].channels
-    return {"qk": kept_channels(kv, sparsity, multiple_of=2 * num_kv_heads), "v": kept_channels(kv, sparsity)}
-
-
-def sparsify(
-    model: nn.Module,
-    blocks: Sequence[BlockAnatomy],
-    sparsity_per_block: Sequence[float],
-    state: SparsityState,
-    strategy: str,
-    **estimator_options: object,
-) -> list[SparseBlock]:
-    """Make each described block of ``model`` sparse at its sparsity (0 leaves it dense and untouched).
-
-    Every check and every estimator comes before the first change, so bad input leaves ``model``
-    unchanged. Returns the installed blocks.
-    """
-    if len(sparsity_per_block) != len(blocks):
-        raise ValueError(f"{len(sparsity_per_block)} sparsities for {len(blocks)} blocks; pass one per block.")
-    taken = {id(m) for b in sparse_blocks(model) for m in (*b.modules.values(), b.region) if m is not None}
-    planned: list[SparseBlock] = []
-    for anatomy, sparsity in zip(blocks, sparsity_per_block):
-        keep = kept_counts(anatomy, sparsity)
-        if sparsity == 0:
-            continue
-        for path in anatomy.projections:
-            module = model.get_submodule(path)
-            if id(module) in taken:
-                raise ValueError(f"{path} is already sparse (or passed twice); desparsify(model) first.")
-            taken.add(id(module))
-            projection_base(module, path)
-        # Estimators copy what they need of the weights, so a sharded block lends them whole only here.
-        with unsharded([model.get_submodule(path) for path in anatomy.projections]):
-            estimators = {
-                name: build_estimator(strategy, block, anatomy.key(name), **estimator_options)
-                for name, block in anatomy.estimator_blocks(model).items()
-            }
-        planned.append(SparseBlock(model, anatomy, state, estimators, keep))
-    for block in planned:
-        block.install()
-    return planned
-
-
-def desparsify(model: nn.Module) -> list[str]:
-    """Remove every sparse block from ``model`` (its modules' own forwards back); returns their names."""
-    blocks = sparse_blocks(model)
-    for block in blocks:
-        block.remove()
-    return [block.name for block in blocks]
