@@ -4,18 +4,23 @@ chosen rank from scratch (bit for bit), resume without a new search, 2-process D
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
 from ddp_helpers import run_ddp_and_compare_adapters
 from lightning_sft import AdaptiveRankSearch, LoRA, LoRAConfig, inject_lora, lora_layers
+from lightning_sft.callbacks.rank_search import _warn_past_max_time
 from lightning_sft.cli import SFTCLI
 from lightning_sft.data import RandomTokenData
 from lightning_sft.modules import CausalLM
@@ -189,6 +194,38 @@ def test_search_then_training_equals_training_the_chosen_rank_from_scratch(tmp_p
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
     assert record["params"] == sum(v.numel() for n, v in got.items() if n.endswith(("lora_A", "lora_B")))
+
+
+def test_an_unset_trial_steps_keeps_the_search_within_max_steps_and_the_cost_is_said_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    search = AdaptiveRankSearch(candidates=(2, 4, 8), val_batches=1, penalty=1.0)
+    # 3 trials of s steps, then 2 of 3s: 9s search steps; max_steps=20 allows s=2 (the data alone would allow 3).
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match=r"max_steps=20 steps and the search trains at"
+                                                                         r" most as many; using trial_steps=2 instead"):
+        _fit_shuffled(tmp_path, [LoRA(r=4), search], steps=20)
+    assert search.trial_steps == 2 and search.record["trial_steps"] == 18 <= 20
+    said = [r.getMessage() for r in caplog.records]
+    cost = next(i for i, m in enumerate(said) if "train 18 optimizer steps and score 5 validation batches" in m)
+    assert cost < next(i for i, m in enumerate(said) if "val loss" in m)  # before the trial table
+
+
+def test_an_explicit_trial_steps_past_max_steps_is_said_before_the_search(tmp_path: Path) -> None:
+    search = AdaptiveRankSearch(candidates=(2, 4), trial_steps=3, val_batches=1, rounds=1)
+    with pytest.warns(UserWarning, match=r"2 trials in 1 round\(s\) train 6 optimizer steps .* more than the fit's"
+                                         r" max_steps=2\. Lower trial_steps or rounds .*--trainer.callbacks.trial_steps"):
+        _fit_shuffled(tmp_path, [LoRA(r=4), search], steps=2)
+
+
+def test_a_search_outlasting_max_time_is_said_after_its_first_trial() -> None:
+    trainer = SimpleNamespace(callbacks=[Timer(duration=dict(seconds=60))])
+    first = Trial(round=0, rank=2, params=10, val_loss=1.0, score=1.0, steps=5, seconds=10.0)
+    with pytest.warns(UserWarning, match=r"search's 50 steps take about 100 s, before max_time's 60 s start counting"):
+        _warn_past_max_time(trainer, first, 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_past_max_time(trainer, first, 25)  # 50 s: within the budget, nothing said
+        _warn_past_max_time(SimpleNamespace(callbacks=[]), first, 50)  # no max_time
 
 
 def _fit_epochs(root: Path, steps: int, seed: int, callbacks: list[pl.Callback], ckpt_path: Path | None = None) -> CausalLM:

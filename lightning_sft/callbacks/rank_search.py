@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
@@ -42,6 +43,7 @@ from lightning_sft.rank_search import (
     format_table,
     halving_schedule,
     score,
+    search_steps,
     validate_candidates,
     validate_penalty,
 )
@@ -55,6 +57,7 @@ from lightning_sft.validation import check_int
 
 _WHO = "AdaptiveRankSearch"
 _FIX = "trial_steps / rounds / val_batches"
+_TRIAL_STEPS_FLAG = " (CLI: --trainer.callbacks+=AdaptiveRankSearch --trainer.callbacks.trial_steps N)"
 DEFAULT_TRIAL_STEPS = 50
 DEFAULT_VAL_BATCHES = 8
 
@@ -218,6 +221,8 @@ class AdaptiveRankSearch(SFTCallback):
                     params = adapter_params(shapes, rank)
                     in_round.append(Trial(round_, rank, params, loss, score(loss, params, largest, self.penalty),
                                           steps, time.perf_counter() - began))
+                    if not trials and len(in_round) == 1:
+                        _warn_past_max_time(trainer, in_round[0], search_steps(self.schedule))
                 trials += in_round
                 following = self.schedule[round_ + 1][1] if round_ + 1 < len(self.schedule) else 1
                 survivors = sorted(t.rank for t in best(in_round, following))
@@ -257,6 +262,7 @@ class AdaptiveRankSearch(SFTCallback):
         train = fit_dataloader(trainer, trainer.fit_loop._data_source, RunningStage.TRAINING, _WHO, why)
         val = fit_dataloader(trainer, trainer.fit_loop.epoch_loop.val_loop._data_source, RunningStage.VALIDATING, _WHO, why)
         self._fit_to_data(trainer, train, val)
+        self._state_cost(trainer)
         longest = self.schedule[-1][0]
         setting = f"{longest} steps in round {len(self.schedule)}" + (
             f" x accumulate_grad_batches={accumulate}" if accumulate > 1 else ""
@@ -269,15 +275,25 @@ class AdaptiveRankSearch(SFTCallback):
         """Unset counts take what one pass of the data offers (within the limits), said once."""
         if self.requested["trial_steps"] is None:
             available = usable_batches(trainer, train, RunningStage.TRAINING)
-            per_step = trainer.accumulate_grad_batches
+            budget = trainer.max_steps if trainer.max_steps > 0 else None  # -1: no step budget
+
+            def fits_data(steps: int) -> bool:
+                return available is None or self._longest(steps) * trainer.accumulate_grad_batches <= available
+
+            def fits_budget(steps: int) -> bool:  # the search trains no more steps than the fit it serves
+                return budget is None or self._steps(steps) <= budget
+
             steps = DEFAULT_TRIAL_STEPS
-            while steps > 1 and available is not None and self._longest(steps) * per_step > available:
+            while steps > 1 and not (fits_data(steps) and fits_budget(steps)):
                 steps -= 1
             if steps < DEFAULT_TRIAL_STEPS:
+                why = [f"the training data gives {available} batches (within limit_train_batches), fewer than its"
+                       " longest round needs"] if not fits_data(DEFAULT_TRIAL_STEPS) else []
+                why += [f"the fit trains max_steps={budget} steps and the search trains at most as many"] if not fits_budget(
+                    DEFAULT_TRIAL_STEPS) else []
                 rank_zero_warn(
-                    f"{_WHO}: the training data gives {available} batches (within limit_train_batches), fewer than"
-                    f" the default trial_steps={DEFAULT_TRIAL_STEPS} needs in its longest round; using trial_steps={steps}"
-                    f" (the longest round trains {self._longest(steps)} steps). Set trial_steps to choose."
+                    f"{_WHO}: {' and '.join(why)}; using trial_steps={steps} instead of {DEFAULT_TRIAL_STEPS}"
+                    f" ({self._steps(steps)} search steps). Set trial_steps to choose{_TRIAL_STEPS_FLAG}."
                 )
             self.trial_steps = steps
         if self.requested["val_batches"] is None:
@@ -287,6 +303,21 @@ class AdaptiveRankSearch(SFTCallback):
 
     def _longest(self, trial_steps: int) -> int:
         return halving_schedule(len(self.candidates), self.rounds, trial_steps)[-1][0]
+
+    def _steps(self, trial_steps: int) -> int:
+        return search_steps(halving_schedule(len(self.candidates), self.rounds, trial_steps))
+
+    def _state_cost(self, trainer: pl.Trainer) -> None:
+        """Say before the first trial what the search costs, in the fit's own units; past the fit's budget
+        (an explicit trial_steps over max_steps), say it as a warning with the fix."""
+        steps, trials = search_steps(self.schedule), sum(count for _, count in self.schedule)
+        cost = (f"{_WHO}: {trials} trials in {len(self.schedule)} round(s) train {steps} optimizer steps and score"
+                f" {trials * self.val_batches} validation batches before the fit's first step")
+        if 0 < trainer.max_steps < steps:
+            rank_zero_warn(f"{cost}, more than the fit's max_steps={trainer.max_steps}. Lower trial_steps or rounds"
+                           f"{_TRIAL_STEPS_FLAG} to keep the search within the fit's budget.")
+        else:
+            rank_zero_info(f"{cost}.")
 
     def _trial(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, train: CombinedLoader, val: CombinedLoader,
@@ -357,6 +388,20 @@ def _mean_gradients(trainer: pl.Trainer, params: list[torch.nn.Parameter]) -> No
     flat = trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in grads]), reduce_op="mean")
     for param, piece in zip(params, flat.split([g.numel() for g in grads])):
         param.grad = piece.view_as(param).to(param.dtype)
+
+
+def _warn_past_max_time(trainer: pl.Trainer, first: Trial, total_steps: int) -> None:
+    """Once the first trial has timed a step: warn when the whole search would outlast ``max_time``, which
+    Lightning's Timer counts from the first training step, so the search comes on top of it."""
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+    budget = timer.time_remaining() if timer is not None else None
+    projected = first.seconds / first.steps * total_steps
+    if budget is not None and projected > budget:
+        rank_zero_warn(
+            f"{_WHO}: its first trial took {first.seconds:.1f} s for {first.steps} steps, so the search's {total_steps}"
+            f" steps take about {projected:.0f} s, before max_time's {budget:.0f} s start counting. Lower trial_steps"
+            f" or rounds{_TRIAL_STEPS_FLAG}, or choose the rank by hand with LoRA(r=...)."
+        )
 
 
 def _max_over_processes(trainer: pl.Trainer, values: list[float]) -> list[float]:

@@ -14,6 +14,7 @@ from lightning_sft.rank_search.search import (
     format_table,
     halving_schedule,
     score,
+    search_steps,
     validate_candidates,
     validate_penalty,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "format_table",
     "halving_schedule",
     "score",
+    "search_steps",
     "validate_candidates",
     "validate_penalty",
 ]

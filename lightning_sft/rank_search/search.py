@@ -111,6 +111,11 @@ def halving_schedule(candidates: int, rounds: int, trial_steps: int) -> list[tup
     return schedule
 
 
+def search_steps(schedule: Sequence[tuple[int, int]]) -> int:
+    """Optimizer steps the whole search trains: the sum over rounds of steps per trial x trials."""
+    return sum(steps * trials for steps, trials in schedule)
+
+
 # -- per-module ranks ---------------------------------------------------------------------------------
 
 def component_importance(
