@@ -387,3 +387,19 @@ def test_a_model_directory_without_a_tokenizer_asks_for_data_tokenizer(
     err = capsys.readouterr().err
     assert f"{bare} holds no tokenizer" in err and "--data.tokenizer DIR" in err
     assert "sentencepiece" not in err and "Traceback" not in err
+
+
+def test_the_model_summary_counts_the_flops_of_one_example_sequence() -> None:
+    from lightning.pytorch.utilities.model_summary import summarize
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_sft.modules import CausalLM
+    from lightning_sft.modules.causal_lm import SUMMARY_TOKENS
+
+    module = CausalLM(model="tiny-llama")
+    assert module.example_input_array.shape == (1, SUMMARY_TOKENS)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        logits = module(module.example_input_array)
+    assert logits.shape[:2] == (1, SUMMARY_TOKENS)
+    assert summarize(module, max_depth=1).total_flops == counter.get_total_flops() > 0  # not "Total FLOPs: 0"

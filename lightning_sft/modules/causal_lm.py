@@ -57,6 +57,9 @@ def build_model(model: str) -> torch.nn.Module:
     )
 
 
+SUMMARY_TOKENS = 64
+
+
 class CausalLM(pl.LightningModule):
     """Next-token-prediction fine-tuning of a Hugging Face causal LM held in ``self.model``.
 
@@ -93,6 +96,12 @@ class CausalLM(pl.LightningModule):
         # Exact match of the response tokens (labels != -100); see ResponseExactMatch.
         self.val_accuracy = ResponseExactMatch()
         self.test_accuracy = ResponseExactMatch()
+        # What Lightning's model summary runs to show layer sizes and FLOPs: one sequence of 64 tokens.
+        self.example_input_array = torch.zeros(1, SUMMARY_TOKENS, dtype=torch.long)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(batch, seq, vocab)`` of token ids ``(batch, seq)``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # HF shifts labels internally; positions labelled -100 are ignored.
