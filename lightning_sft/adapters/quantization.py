@@ -5,13 +5,9 @@ wrappers included) for ``bitsandbytes.nn.Linear4bit`` layers holding the same we
 ``BitsandbytesPrecision`` is not used: it refuses non-CUDA accelerators and converts every
 ``nn.Linear`` it finds, so this module quantizes itself, layer by layer, on the layer's device.
 
-Contextual sparsity needs only some rows or columns of a frozen weight per step; decoding the
-whole matrix for that would cost as much as the dense product it saves. ``dequantize_rows`` and
-``dequantize_cols`` decode only the selected entries from the packed storage, bit for bit what
-``bitsandbytes.functional.dequantize_4bit`` gives for them. Storage (``Params4bit``): W (out x in)
-flattened row-major, two 4-bit codes per byte (even flat index in the high nibble), one scale
-(absmax) per ``blocksize`` consecutive flat entries: fp32, or with double quantization uint8 codes
-of a 256-entry table times one fp32 scale per 256 blocks, plus a global offset.
+``packed_weight`` gives a layer's packed storage as a ``kernels.nf4.Packed4bit``: contextual
+sparsity's ``kernels.sparse_matmul`` and ``dequantize_rows`` / ``dequantize_cols`` decode only the
+selected rows or columns from it (``nf4.decode``), bit for bit what bitsandbytes decodes for them.
 
 bitsandbytes is imported only when a layer is quantized; ``is_quantized`` never imports it.
 """
@@ -19,8 +15,8 @@ bitsandbytes is imported only when a layer is quantized; ``is_quantized`` never 
 from __future__ import annotations
 
 import copy
-import re
 import sys
+from collections import Counter
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -31,16 +27,16 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from lightning_sft.anatomy.linear import is_supported_linear, weight_is_transposed
-from lightning_sft.adapters.targeting import ALL_LINEAR, TargetSpec, output_head_names, validate_target_spec
+from lightning_sft.adapters.targeting import ALL_LINEAR, TargetSpec, matches_spec, output_head_names, validate_target_spec
 from lightning_sft.fingerprint import SOURCE_SAMPLE, tensor_sample
-from lightning_sft.kernels.dispatch import keep_slice
+from lightning_sft.kernels import nf4
+from lightning_sft.kernels.nf4 import Packed4bit
 
 QUANT_TYPES = ("nf4", "fp4")
 _COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MIN_VERSION = (0, 50)
 INSTALL_HINT = "pip install 'bitsandbytes>=0.50'"
 _WRAPPED = ".base_layer"
-_QUANT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
 def _bnb() -> ModuleType:
@@ -48,10 +44,8 @@ def _bnb() -> ModuleType:
     try:
         import bitsandbytes
     except ImportError as error:
-        raise ImportError(
-            f"4-bit quantization (QLoRA) needs bitsandbytes >= 0.50, which runs NF4 on CPU too: {INSTALL_HINT}."
-            f" ({error})"
-        ) from error
+        raise ImportError(f"4-bit quantization (QLoRA) needs bitsandbytes >= 0.50, which runs NF4 on CPU too:"
+                          f" {INSTALL_HINT}. ({error})") from error
     version = tuple(int(part) for part in bitsandbytes.__version__.split(".")[:2] if part.isdigit())
     if version < _MIN_VERSION:
         raise ImportError(
@@ -84,10 +78,8 @@ def _check_compute_dtype(compute_dtype: Any) -> torch.dtype | None:
 
 
 def is_quantized(layer: nn.Module) -> bool:
-    """Whether ``layer`` is a bitsandbytes ``Linear4bit`` whose weight is already packed in 4 bits.
-
-    Never imports bitsandbytes: if it was not imported, no layer can be one.
-    """
+    """Whether ``layer`` is a bitsandbytes ``Linear4bit`` whose weight is already packed in 4 bits. Never
+    imports bitsandbytes: if it was not imported, no layer can be one."""
     bnb = sys.modules.get("bitsandbytes")
     linear4bit = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
     if linear4bit is None or not isinstance(layer, linear4bit):
@@ -104,15 +96,8 @@ def _logical(name: str) -> str:
     return name.replace(_WRAPPED + ".", ".").removesuffix(_WRAPPED)
 
 
-def _matches(name: str, spec: TargetSpec) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == suffix or name.endswith("." + suffix) for suffix in spec)
-
-
-def _plan(
-    model: nn.Module, target_modules: TargetSpec, quant_type: str, require_frozen: bool = True
-) -> list[tuple[str, nn.Module]]:
+def _plan(model: nn.Module, target_modules: TargetSpec, quant_type: str,
+          require_frozen: bool = True) -> list[tuple[str, nn.Module]]:
     """The ``(name, layer)`` pairs ``quantize_base`` would replace; raises on anything it cannot, changing nothing."""
     from lightning_sft.adapters.lora_layer import LoRALinear  # lora_layer imports this module
 
@@ -122,15 +107,13 @@ def _plan(
     if target_modules == ALL_LINEAR:
         selected = [(name, module) for name, module in linear if _logical(name) not in heads]
     else:
-        selected = [(name, module) for name, module in linear if name and _matches(_logical(name), target_modules)]
+        selected = [(name, module) for name, module in linear if name and matches_spec(_logical(name), target_modules)]
     if not selected:
         raise ValueError(
             f"`target_modules={target_modules!r}` selects no linear layer of {type(model).__name__} to quantize"
             " ('all-linear' takes every nn.Linear except output heads)."
         )
-    uses: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        uses[id(param)] = uses.get(id(param), 0) + 1
+    uses = Counter(id(param) for _, param in model.named_parameters(remove_duplicate=False))
     for name, layer in selected:
         if not name:
             raise ValueError("quantize_base swaps layers inside a model; pass the module that holds the linear layer.")
@@ -160,10 +143,8 @@ def _plan(
                 " (inject_lora or model.requires_grad_(False)); adapters train beside the quantized base."
             )
         if not weight.is_floating_point() or weight.device.type == "meta":
-            raise ValueError(
-                f"{name}.weight is {weight.dtype} on {weight.device}; quantize a materialised float weight."
-            )
-        if uses.get(id(weight), 0) > 1:
+            raise ValueError(f"{name}.weight is {weight.dtype} on {weight.device}; quantize a materialised float weight.")
+        if uses[id(weight)] > 1:
             raise ValueError(
                 f"{name}.weight is shared with another module (tied weights); quantizing it would untie them."
                 " Exclude it with `target_modules`."
@@ -184,21 +165,18 @@ _KERNEL_CHECKS: dict[tuple[int, str, torch.dtype], bool] = {}
 
 
 def _cpu_kernel_agrees(bnb: ModuleType, in_features: int, quant_type: str, dtype: torch.dtype) -> bool:
-    """Whether bitsandbytes' CPU 4-bit decoder reads rows of ``in_features`` entries as they are stored.
+    """Whether bitsandbytes' CPU 4-bit decoder reads rows of ``in_features`` entries as ``nf4.decode`` does.
 
-    bitsandbytes 0.50's CPU kernel (even ``in_features``) misplaces the scales of rows that start
-    inside a block: found here for ``in_features`` multiples of 16 but not of the block size (e.g.
-    32, 96, 176 with blocks of 64), where its forward computes with wrong weights. A three-row probe
-    per width checks the installed version against the storage format (odd widths take its
-    generic decoder, which is right).
-    """
+    bitsandbytes 0.50's CPU kernel (even ``in_features``) misplaces the scales of rows that start inside a
+    block: found for multiples of 16 but not of the block size (e.g. 32, 96, 176 with blocks of 64), where its
+    forward computes with wrong weights. A three-row probe per width checks the installed version (odd widths
+    take its generic decoder, which is right)."""
     key = (in_features, quant_type, dtype)
     if key not in _KERNEL_CHECKS:
-        generator = torch.Generator().manual_seed(0)
-        probe = torch.randn(3, in_features, generator=generator).to(dtype)
+        probe = torch.randn(3, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
         packed, state = bnb.functional.quantize_4bit(probe, compress_statistics=False, quant_type=quant_type)
         decoded = bnb.functional.dequantize_4bit(packed, state)
-        _KERNEL_CHECKS[key] = torch.equal(decoded, _decode_packed(state, packed.reshape(-1), None, None))
+        _KERNEL_CHECKS[key] = torch.equal(decoded, nf4.decode(_packed(state, packed)))
     return _KERNEL_CHECKS[key]
 
 
@@ -206,15 +184,10 @@ def _fresh_layer(bnb: ModuleType, linear: nn.Linear, quant_type: str, compute_dt
                  double_quant: bool) -> nn.Module:
     """A ``Linear4bit`` holding ``linear``'s weight in 4 bits (quantized on its device) and its bias as it is."""
     weight = linear.weight
-    layer = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=linear.bias is not None,
-        compute_dtype=compute_dtype or weight.dtype, compress_statistics=double_quant, quant_type=quant_type,
-        quant_storage=torch.uint8, device="meta",
-    )
-    layer.weight = bnb.nn.Params4bit(
-        weight.detach(), requires_grad=False, compress_statistics=double_quant, quant_type=quant_type,
-        quant_storage=torch.uint8, module=layer,
-    )
+    options = dict(compress_statistics=double_quant, quant_type=quant_type, quant_storage=torch.uint8)
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=compute_dtype or weight.dtype, device="meta", **options)
+    layer.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, module=layer, **options)
     if linear.bias is not None:
         layer.bias = linear.bias
     layer.weight = layer.weight.to(weight.device)  # Params4bit quantizes on its first move to a device
@@ -228,13 +201,8 @@ def _fresh_layer(bnb: ModuleType, linear: nn.Linear, quant_type: str, compute_dt
     return layer
 
 
-def quantize_base(
-    model: nn.Module,
-    quant_type: str = "nf4",
-    compute_dtype: torch.dtype | str | None = None,
-    double_quant: bool = True,
-    target_modules: TargetSpec = ALL_LINEAR,
-) -> list[str]:
+def quantize_base(model: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype | str | None = None,
+                  double_quant: bool = True, target_modules: TargetSpec = ALL_LINEAR) -> list[str]:
     """Store the selected frozen linear layers of ``model`` in 4 bits (QLoRA); returns their names.
 
     ``target_modules`` selects as LoRA's does, on names without ``.base_layer`` (``"all-linear"``:
@@ -273,14 +241,9 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def quantization_record(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per quantized layer, the settings that rebuild it (kept in checkpoints so a load can quantize first)."""
-    return {
-        name: {
-            "quant_type": layer.weight.quant_type,
-            "double_quant": bool(layer.weight.compress_statistics),
-            "compute_dtype": str(layer.compute_dtype).removeprefix("torch.") if layer.compute_dtype else None,
-        }
-        for name, layer in quantized_layers(model).items()
-    }
+    return {name: {"quant_type": layer.weight.quant_type, "double_quant": bool(layer.weight.compress_statistics),
+                   "compute_dtype": str(layer.compute_dtype).removeprefix("torch.") if layer.compute_dtype else None}
+            for name, layer in quantized_layers(model).items()}
 
 
 def quantize_from_record(model: nn.Module, record: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -316,10 +279,8 @@ def _load_quant_state(module: nn.Module, state_dict: dict[str, Any], prefix: str
     items = {key[len(stem):]: state_dict.pop(key) for key in keys}
     state = bnb.functional.QuantState.from_dict(items, device=module.weight.device)
     if tuple(state.shape) != (module.out_features, module.in_features):
-        error_msgs.append(
-            f"{prefix}weight was quantized from a {tuple(state.shape)} weight, but this layer is"
-            f" ({module.out_features}, {module.in_features})."
-        )
+        error_msgs.append(f"{prefix}weight was quantized from a {tuple(state.shape)} weight, but this layer is"
+                          f" ({module.out_features}, {module.in_features}).")
         return
     param = module.weight
     param.quant_state = module.quant_state = state
@@ -345,68 +306,21 @@ def _storage(layer: nn.Module) -> tuple[Any, Tensor]:
     return state, weight.data.reshape(-1).view(torch.uint8)
 
 
-def _absmax_at(state: Any, blocks: Tensor) -> Tensor:
-    """The fp32 scales of ``blocks`` (any shape), decoding double-quantized scales for those blocks only."""
-    if not state.nested:
-        return state.absmax.float()[blocks]
+def _packed(state: Any, data: Tensor, compute_dtype: torch.dtype | None = None) -> Packed4bit:
+    """A bitsandbytes quant state and its packed bytes as a ``Packed4bit`` (the same tensors, no copy)."""
     nested = state.state2
-    codes = state.absmax[blocks].long()
-    return nested.code[codes] * nested.absmax[blocks // nested.blocksize] + state.offset
-
-
-def _decode(layer: nn.Module, rows: Tensor | None, cols: Tensor | None) -> Tensor:
-    """``W[rows][:, cols]`` (None: all) of a 4-bit layer, decoding only those entries, in the weight's dtype."""
-    return _decode_packed(*_storage(layer), rows, cols)
-
-
-def _decode_packed(state: Any, packed: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
-    """``_decode`` on a quant state and its flat packed bytes.
-
-    The code of flat entry ``f = i * in + j`` is the high nibble of byte ``f // 2`` for even ``f``,
-    the low one for odd; its scale is block ``f // blocksize``. Rows with an even width and
-    ``blocksize``-aligned rows take the fast paths (whole bytes / whole blocks per row).
-    """
+    double = {} if not state.nested else dict(
+        nested_code=nested.code, nested_absmax=nested.absmax, nested_blocksize=int(nested.blocksize), offset=state.offset
+    )
     out_features, in_features = (int(size) for size in state.shape)
-    size = int(state.blocksize)
-    device = packed.device
-    row_idx = rows if rows is not None else torch.arange(out_features, device=device)
-    col_idx = cols if cols is not None else torch.arange(in_features, device=device)
-    n_rows, n_cols = row_idx.numel(), col_idx.numel()
-    table = state.code.to(device, torch.float32)
-    if in_features % 2 == 0:
-        grid = packed.view(out_features, in_features // 2)
-        if rows is not None:
-            grid = grid.index_select(0, rows)
-        if cols is None:  # whole bytes: one lookup of both codes per byte
-            pairs = torch.stack((table.repeat_interleave(16), table.repeat(16)), dim=1)
-            codes = pairs[grid.long()].view(n_rows, in_features)
-        else:
-            shift = ((cols & 1) ^ 1).mul(4).to(torch.uint8)
-            codes = table[((grid.index_select(1, cols >> 1) >> shift) & 15).long()]
-    else:
-        flat = row_idx[:, None] * in_features + col_idx[None, :]
-        shift = ((flat & 1) ^ 1).mul(4).to(torch.uint8)
-        codes = table[((packed[flat >> 1] >> shift) & 15).long()]
-    if in_features % size == 0:
-        per_row = in_features // size
-        if cols is None:
-            blocks = row_idx[:, None] * per_row + torch.arange(per_row, device=device)
-            values = (codes.view(n_rows, per_row, size) * _absmax_at(state, blocks)[..., None]).view(n_rows, n_cols)
-        else:
-            values = codes * _absmax_at(state, row_idx[:, None] * per_row + (cols // size)[None, :])
-    else:
-        values = codes * _absmax_at(state, (row_idx[:, None] * in_features + col_idx[None, :]) // size)
-    return values.to(state.dtype)
+    return Packed4bit(data.reshape(-1).view(torch.uint8), state.absmax, state.code, int(state.blocksize),
+                      (out_features, in_features), state.dtype, compute_dtype, **double)
 
 
-def _check_index(layer: nn.Module, idx: Tensor, limit: int, what: str) -> None:
-    if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
-        got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
-        raise ValueError(f"{what} indices must be a 1-D int64 tensor; got {got}. Use dtype=torch.long.")
-    if idx.device != layer.weight.device:
-        raise ValueError(f"{what} indices are on {idx.device} but the layer is on {layer.weight.device}.")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit):
-        raise ValueError(f"{what} indices must lie in [0, {limit}); got min {int(idx.min())}, max {int(idx.max())}.")
+def packed_weight(layer: nn.Module) -> Packed4bit:
+    """A 4-bit layer's weight as a ``kernels.nf4.Packed4bit``, computing in the layer's compute dtype: what
+    ``kernels.sparse_matmul`` and ``nf4.decode`` take. A TypeError for a layer that is not 4-bit."""
+    return _packed(*_storage(layer), compute_dtype=layer.compute_dtype)
 
 
 def dequantize_weight(layer: nn.Module) -> Tensor:
@@ -417,93 +331,28 @@ def dequantize_weight(layer: nn.Module) -> Tensor:
 
 def dequantize_rows(layer: nn.Module, idx: Tensor) -> Tensor:
     """``W[idx]`` (output channels ``idx``, shape ``len(idx) x in``), decoding only those rows."""
-    _storage(layer)
-    _check_index(layer, idx, layer.out_features, "row")
-    return _decode(layer, idx, None)
+    return nf4.decode(packed_weight(layer), rows=idx, check=True)
 
 
 def dequantize_cols(layer: nn.Module, idx: Tensor) -> Tensor:
     """``W[:, idx]`` (input channels ``idx``, shape ``out x len(idx)``), decoding only those columns."""
-    _storage(layer)
-    _check_index(layer, idx, layer.in_features, "column")
-    return _decode(layer, None, idx)
+    return nf4.decode(packed_weight(layer), cols=idx, check=True)
 
 
 def quantized_bytes(layer: nn.Module) -> int:
     """Bytes a 4-bit layer's weight occupies: packed codes plus every quant-state tensor (scales, their
     nested scales and offset, and the 16- and 256-entry code tables); the bias is not counted."""
-    state, packed = _storage(layer)
-    tensors = [packed, state.absmax, state.code]
-    if state.nested:
-        tensors += [state.offset, state.state2.absmax, state.state2.code]
+    packed = packed_weight(layer)
+    tensors = [packed.data, packed.absmax, packed.code, packed.offset, packed.nested_absmax, packed.nested_code]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
-
-
-def _compute_dtype(layer: nn.Module, x: Tensor) -> torch.dtype:
-    """The dtype a 4-bit layer computes in, as its own forward does: its compute dtype, else the input's."""
-    return layer.compute_dtype or x.dtype
 
 
 def quantized_linear(layer: nn.Module, x: Tensor, bias: bool = True) -> Tensor:
     """``x @ W^T (+ b)`` with the whole weight decoded, in the layer's compute dtype and returned in
     ``x``'s (the dtype rule of ``Linear4bit.forward``); for the rare dense evaluations (calibration)."""
-    dtype = _compute_dtype(layer, x)
+    dtype = layer.compute_dtype or x.dtype
     b = layer.bias.to(dtype) if bias and layer.bias is not None else None
     return F.linear(x.to(dtype), dequantize_weight(layer).to(dtype), b).to(x.dtype)
-
-
-def _decode_slice(kind: str, layer: nn.Module, idx: Tensor) -> Tensor:
-    return _decode(layer, idx, None) if kind == "rows" else _decode(layer, None, idx)
-
-
-class _QuantizedSliceMatmul(torch.autograd.Function):
-    """``a @ W[idx].T + b[idx]`` (rows) or ``a @ W[:, idx].T + b`` (cols) over a frozen 4-bit weight:
-    only the selected slice is decoded, in forward and (unless kept) again in backward."""
-
-    @staticmethod
-    def forward(ctx: Any, kind: str, a: Tensor, layer: nn.Module, idx: Tensor, bias: Tensor | None) -> Tensor:
-        dtype = _compute_dtype(layer, a)
-        w = _decode_slice(kind, layer, idx).to(dtype)
-        b = None if bias is None else (bias.index_select(0, idx) if kind == "rows" else bias).to(dtype)
-        out = F.linear(a.to(dtype), w, b).to(a.dtype)
-        keep = ctx.needs_input_grad[1] and keep_slice(a.shape[0], w.shape[1], w.shape[0])
-        ctx.kind, ctx.layer, ctx.dtype, ctx.a_dtype = kind, layer, dtype, a.dtype
-        if bias is not None:
-            ctx.bias_dtype, ctx.bias_len = bias.dtype, bias.numel()
-        ctx.save_for_backward(idx, w if keep else None)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        idx, w = ctx.saved_tensors
-        grad_a = grad_bias = None
-        if ctx.needs_input_grad[1]:
-            if w is None:
-                w = _decode_slice(ctx.kind, ctx.layer, idx).to(ctx.dtype)
-            grad_a = (g.to(ctx.dtype) @ w).to(ctx.a_dtype)
-        if ctx.needs_input_grad[4]:
-            grad_bias = g.sum(0).to(ctx.bias_dtype)
-            if ctx.kind == "rows":  # dropped output channels get no gradient, as in the dense model
-                grad_bias = grad_bias.new_zeros(ctx.bias_len).index_copy_(0, idx, grad_bias)
-        return None, grad_a, None, None, grad_bias
-
-
-def _slice_matmul(kind: str, a: Tensor, layer: nn.Module, idx: Tensor) -> Tensor:
-    flat = a.reshape(a.shape[:-1].numel(), a.shape[-1])
-    out = _QuantizedSliceMatmul.apply(kind, flat, layer, idx, layer.bias)
-    return out.reshape(*a.shape[:-1], out.shape[-1])
-
-
-def quantized_rows_matmul(x: Tensor, layer: nn.Module, idx: Tensor) -> Tensor:
-    """``x @ W[idx].T (+ bias[idx])`` of a 4-bit layer: output channels ``idx`` only, decoding only those rows.
-    Gradients reach ``x`` (and a trainable bias), never the frozen weight."""
-    return _slice_matmul("rows", x, layer, idx)
-
-
-def quantized_cols_matmul(h: Tensor, layer: nn.Module, idx: Tensor) -> Tensor:
-    """``h @ W[:, idx].T (+ bias)`` of a 4-bit layer, ``h`` holding input channels ``idx`` only; decodes only
-    those columns."""
-    return _slice_matmul("cols", h, layer, idx)
 
 
 # -- the dense view estimators read ----------------------------------------------------------------
@@ -522,9 +371,9 @@ class DequantizedWeight(Tensor):
 
     @staticmethod
     def __new__(cls, layer: nn.Module) -> DequantizedWeight:
-        state, packed = _storage(layer)
-        view = Tensor._make_wrapper_subclass(cls, tuple(int(s) for s in state.shape), dtype=state.dtype,
-                                             device=packed.device, requires_grad=False)
+        packed = packed_weight(layer)
+        view = Tensor._make_wrapper_subclass(cls, packed.shape, dtype=packed.dtype, device=packed.device,
+                                             requires_grad=False)
         view._layer = layer
         return view
 

@@ -34,7 +34,7 @@ def validate_target_spec(spec: TargetSpec | None, argument: str) -> None:
         )
 
 
-def _matches(name: str, spec: TargetSpec) -> bool:
+def matches_spec(name: str, spec: TargetSpec) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == suffix or name.endswith("." + suffix) for suffix in spec)
@@ -68,7 +68,7 @@ def select_targets(root: nn.Module, target_modules: TargetSpec, exclude_modules:
         heads = output_head_names(root)
         selected = [n for n in linear_names if n not in heads]
     else:
-        matched = [(n, m) for n, m in root.named_modules() if n and _matches(n, target_modules)]
+        matched = [(n, m) for n, m in root.named_modules() if n and matches_spec(n, target_modules)]
         matched = [(n, m) for n, m in matched if not _is_inside_adapter(n)]
         # Parameter-free matches (activations, dropout) are harmless; anything holding weights is not.
         unsupported = [
@@ -84,7 +84,7 @@ def select_targets(root: nn.Module, target_modules: TargetSpec, exclude_modules:
             )
         selected = [n for n, m in matched if is_supported_linear(m)]
     if exclude_modules is not None:
-        selected = [n for n in selected if not _matches(n, exclude_modules)]
+        selected = [n for n in selected if not matches_spec(n, exclude_modules)]
     if not selected:
         raise ValueError(
             f"`target_modules={target_modules!r}` (exclude_modules={exclude_modules!r}) matches no linear layer of"

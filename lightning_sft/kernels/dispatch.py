@@ -1,7 +1,9 @@
-"""Gather-GEMMs over frozen weights: argument checks, the backend rule, and the autograd Function.
+"""Gather-GEMMs over frozen weights: argument checks, the backend rule and the entry points (their autograd
+Functions are in ``kernels.products``).
 
 ``resolve_backend`` is the only place that decides between the torch reference and the Triton
-kernels; ``sparse_matmul`` is the only entry point that calls it.
+kernels; ``sparse_matmul`` is the only entry point that calls it. A 4-bit weight (``nf4.Packed4bit``)
+takes the same entry point: only its kept rows or columns are decoded (torch).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import torch
 from torch import Tensor
 
 from lightning_sft.kernels import reference
-
-Kind = Literal["rows", "cols"]
+from lightning_sft.kernels.nf4 import Packed4bit
+from lightning_sft.kernels.products import Kind, Packed4bitMatmul, SparseMatmul, keep_slice, rows_bias_grad
 Backend = Literal["auto", "torch", "triton"]
 _KINDS = ("rows", "cols")
 _BACKENDS = ("auto", "torch", "triton")
@@ -78,57 +80,26 @@ def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype) 
     return "triton"
 
 
-def keep_slice(rows: int, in_width: int, out_width: int) -> bool:
-    """Whether a product of ``rows`` activation rows with a copied (or decoded) ``in_width x out_width``
-    weight slice keeps the slice for backward instead of making it again: when it is no larger than
-    the bigger activation of the product (input or output), so the memory it holds stays of the order
-    the step holds anyway. High sparsity keeps, low recopies."""
-    return in_width * out_width <= rows * max(in_width, out_width)
-
-
-def _keep_slice(kind: Kind, a: Tensor, w: Tensor, idx: Tensor) -> bool:
-    """``keep_slice`` for ``W[idx]`` (rows) or ``W[:, idx]`` (cols)."""
-    in_width, out_width = (w.shape[1], idx.numel()) if kind == "rows" else (idx.numel(), w.shape[0])
-    return keep_slice(a.shape[0], in_width, out_width)
-
-
-def _rows_bias_grad(kept: Tensor, idx: Tensor, length: int) -> Tensor:
-    """The full bias gradient of a ``rows`` product: ``kept`` at ``idx``, zero for the dropped output
-    channels, as in the dense model."""
-    return kept.new_zeros(length).index_copy_(0, idx, kept)
-
-
-class _SparseMatmul(torch.autograd.Function):
-    """Forward and the input-gradient product on one backend. The weight is frozen, so it gets
-    no gradient; backward reads it again (the torch backend reuses its forward copy of ``W[idx]``
-    when ``_keep_slice`` allows)."""
-
-    @staticmethod
-    def forward(
-        ctx, kind: Kind, a: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None, ops: ModuleType
-    ) -> Tensor:
-        if bias is not None:
-            ctx.bias_dtype, ctx.bias_len = bias.dtype, bias.numel()
-            bias = (bias.index_select(0, idx) if kind == "rows" else bias).to(a.dtype)
-        ctx.kind, ctx.ops = kind, ops
-        keep = ctx.needs_input_grad[1] and _keep_slice(kind, a, w, idx)
-        forward = ops.rows_forward if kind == "rows" else ops.cols_forward
-        out, kept = forward(a, w, idx, bias, keep)
-        ctx.save_for_backward(w, idx, kept)
-        return out
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
-        w, idx, kept = ctx.saved_tensors
-        grad_a = grad_bias = None
-        if ctx.needs_input_grad[1]:
-            input_grad = ctx.ops.rows_input_grad if ctx.kind == "rows" else ctx.ops.cols_input_grad
-            grad_a = input_grad(g, w, idx, kept)
-        if ctx.needs_input_grad[4]:
-            grad_bias = g.sum(0).to(ctx.bias_dtype)
-            if ctx.kind == "rows":
-                grad_bias = _rows_bias_grad(grad_bias, idx, ctx.bias_len)
-        return None, grad_a, None, None, grad_bias, None
+def _check_weight(weight: Tensor | Packed4bit, transposed: bool, backend: Backend) -> Tensor | Packed4bit:
+    """The weight's logical ``(out, in)`` view after the checks every weight gets: a frozen 2-D tensor
+    (``transposed``: stored ``(in, out)``), or a ``Packed4bit`` (stored ``(out, in)``, torch backend)."""
+    if isinstance(weight, Packed4bit):
+        if transposed:
+            raise ValueError("a Packed4bit weight is stored (out, in): pass transposed=False")
+        if backend == "triton":
+            raise ValueError(
+                "4-bit (Packed4bit) weights run on the torch backend only (it decodes the kept slice); "
+                "pass backend='torch' or 'auto'"
+            )
+        return weight
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D tensor (or a kernels.Packed4bit)")
+    if weight.requires_grad:
+        raise ValueError(
+            "frozen weights only: weight.requires_grad is True, and these kernels give no weight "
+            "gradient. Freeze it (weight.requires_grad_(False)) or use F.linear for a trained weight."
+        )
+    return weight.t() if transposed else weight
 
 
 def _check_idx(idx: Tensor, limit: int, device: torch.device, check_values: bool) -> None:
@@ -147,7 +118,7 @@ def _check_idx(idx: Tensor, limit: int, device: torch.device, check_values: bool
         raise ValueError("idx must be sorted and unique: pass torch.unique(idx) (it sorts)")
 
 
-def _check_operands(kind: Kind, a: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None) -> None:
+def _check_operands(kind: Kind, a: Tensor, w: Tensor | Packed4bit, idx: Tensor, bias: Tensor | None) -> None:
     if not a.is_floating_point() or a.dim() == 0:
         raise ValueError(
             "the activation must be a floating-point tensor of shape (..., features), "
@@ -183,7 +154,7 @@ def _compute_dtype(a: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtyp
 def sparse_matmul(
     kind: Kind,
     a: Tensor,
-    weight: Tensor,
+    weight: Tensor | Packed4bit,
     idx: Tensor,
     bias: Tensor | None = None,
     *,
@@ -198,31 +169,31 @@ def sparse_matmul(
     (GPT-2 ``Conv1D``), read through strides without a copy. ``idx`` is a sorted, unique int64
     tensor on the weight's device; ``check_idx=False`` skips the value checks, which cost one
     device sync per call on CUDA. Gradients flow to ``a`` and ``bias``, never to ``weight``.
+
+    ``weight`` may also be a 4-bit ``Packed4bit`` (``(out, in)``, torch backend): only the kept
+    rows or columns are decoded; the product runs in its ``compute_dtype`` (else ``a``'s) and
+    returns in ``a``'s dtype, as bitsandbytes' ``Linear4bit`` does.
     """
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError("weight must be a 2-D tensor")
-    if weight.requires_grad:
-        raise ValueError(
-            "frozen weights only: weight.requires_grad is True, and these kernels give no weight "
-            "gradient. Freeze it (weight.requires_grad_(False)) or use F.linear for a trained weight."
-        )
-    w = weight.t() if transposed else weight  # logical (out, in) view
+    w = _check_weight(weight, transposed, backend)  # logical (out, in) view
     _check_idx(idx, w.shape[0] if kind == "rows" else w.shape[1], w.device, check_idx)
     _check_operands(kind, a, w, idx, bias)
-    dtype = _compute_dtype(a, weight, bias)
-    ops = reference if resolve_backend(backend, a.device, dtype) == "torch" else _triton_ops()
     flat = a.reshape(a.shape[:-1].numel(), a.shape[-1])  # not -1: a may have 0 features (k = 0)
-    out = _SparseMatmul.apply(kind, flat.to(dtype), w, idx, bias, ops)
+    if isinstance(w, Packed4bit):
+        out = Packed4bitMatmul.apply(kind, flat, w, idx, bias)
+    else:
+        dtype = _compute_dtype(a, weight, bias)
+        ops = reference if resolve_backend(backend, a.device, dtype) == "torch" else _triton_ops()
+        out = SparseMatmul.apply(kind, flat.to(dtype), w, idx, bias, ops)
     return out.reshape(*a.shape[:-1], out.shape[-1])
 
 
 def rows_matmul(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | Packed4bit,
     idx: Tensor,
     bias: Tensor | None = None,
     *,
@@ -237,7 +208,7 @@ def rows_matmul(
 
 def cols_matmul(
     h: Tensor,
-    weight: Tensor,
+    weight: Tensor | Packed4bit,
     idx: Tensor,
     bias: Tensor | None = None,
     *,
@@ -305,7 +276,7 @@ class _FusedRows(torch.autograd.Function):
                 grad_biases.append(None)
                 continue
             dtype, length = info
-            grad_biases.append(_rows_bias_grad(chunk.sum(0).to(dtype), idx, length))
+            grad_biases.append(rows_bias_grad(chunk.sum(0).to(dtype), idx, length))
         return (grad_a, None, *([None] * (2 * parts)), *grad_biases)
 
 

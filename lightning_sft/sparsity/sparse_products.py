@@ -11,12 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sft.adapters.lora_layer import LoRALinear
-from lightning_sft.adapters.quantization import (
-    is_quantized,
-    quantized_cols_matmul,
-    quantized_linear,
-    quantized_rows_matmul,
-)
+from lightning_sft.adapters.quantization import is_quantized, packed_weight, quantized_linear
 from lightning_sft.anatomy.linear import weight_is_transposed
 from lightning_sft.kernels import sparse_matmul
 from lightning_sft.kernels.dispatch import fused_rows_matmul
@@ -42,7 +37,7 @@ def _sparse_product(kind: str, layer: nn.Module, a: Tensor, idx: Tensor) -> Tens
     LoRA branch keeps its dense value on them: ``(a A^T s) B[idx]^T``, or ``(a A[:, idx]^T s) B^T``."""
     base = layer.base_layer if isinstance(layer, LoRALinear) else layer
     if is_quantized(base):
-        out = (quantized_rows_matmul if kind == "rows" else quantized_cols_matmul)(a, base, idx)
+        out = sparse_matmul(kind, a, packed_weight(base), idx, base.bias, check_idx=False)
     else:
         out = sparse_matmul(kind, a, base.weight, idx, base.bias, transposed=weight_is_transposed(base), check_idx=False)
     if not isinstance(layer, LoRALinear):
