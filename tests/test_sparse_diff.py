@@ -215,7 +215,7 @@ def test_an_interrupted_save_leaves_the_previous_file_intact(tmp_path: Path, mon
         Path(filename).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lightning_sft.sparse_ft.diff.save_file", crash)
+    monkeypatch.setattr("lightning_sft.sparse_ft.diff_file.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_diff(_tuned(seed=3), path)
     assert path.read_bytes() == previous

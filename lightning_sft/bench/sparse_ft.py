@@ -34,7 +34,9 @@ from lightning_sft.bench.common import build_llama, main_job_summary, run_and_re
 from lightning_sft.validation import int_at_least
 from lightning_sft.fingerprint import base_parameters
 from lightning_sft.modules.causal_lm import build_model
-from lightning_sft.sparse_ft.diff import apply_diff, make_diff, read_diff, revert_diff, write_diff
+from lightning_sft.sparse_ft.diff import make_diff
+from lightning_sft.sparse_ft.diff_file import read_diff, write_diff
+from lightning_sft.sparse_ft.diff_module import apply_diff, revert_diff
 from lightning_sft.sparse_ft.selection import SELECTIONS, entry_count, random_importance, top_entries
 
 NAME = "sft"
