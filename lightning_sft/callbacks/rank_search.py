@@ -26,8 +26,9 @@ from lightning_sft.adapters.injection import lora_layers
 from lightning_sft.callbacks.base import SFTCallback
 from lightning_sft.callbacks.side_loop import (
     batch_count,
-    batch_limit,
+    check_batches,
     fit_dataloader,
+    mean_gradients,
     outside_the_fit,
     restore_modes,
     step_loss,
@@ -40,6 +41,7 @@ from lightning_sft.rank_search import (
     adapter_params,
     allocate_ranks,
     best,
+    fitted_trial_steps,
     format_table,
     halving_schedule,
     score,
@@ -267,8 +269,9 @@ class AdaptiveRankSearch(SFTCallback):
         setting = f"{longest} steps in round {len(self.schedule)}" + (
             f" x accumulate_grad_batches={accumulate}" if accumulate > 1 else ""
         )
-        _check_length(trainer, train, longest * accumulate, "training", setting, "trial_steps or rounds")
-        _check_length(trainer, val, self.val_batches, "validation", f"val_batches={self.val_batches}", "val_batches")
+        check_batches(trainer, train, longest * accumulate, "training", setting, "trial_steps or rounds", _WHO)
+        check_batches(trainer, val, self.val_batches, "validation", f"val_batches={self.val_batches}", "val_batches",
+                      _WHO)
         return train, val
 
     def _fit_to_data(self, trainer: pl.Trainer, train: CombinedLoader, val: CombinedLoader) -> None:
@@ -276,21 +279,9 @@ class AdaptiveRankSearch(SFTCallback):
         if self.requested["trial_steps"] is None:
             available = usable_batches(trainer, train, RunningStage.TRAINING)
             budget = trainer.max_steps if trainer.max_steps > 0 else None  # -1: no step budget
-
-            def fits_data(steps: int) -> bool:
-                return available is None or self._longest(steps) * trainer.accumulate_grad_batches <= available
-
-            def fits_budget(steps: int) -> bool:  # the search trains no more steps than the fit it serves
-                return budget is None or self._steps(steps) <= budget
-
-            steps = DEFAULT_TRIAL_STEPS
-            while steps > 1 and not (fits_data(steps) and fits_budget(steps)):
-                steps -= 1
-            if steps < DEFAULT_TRIAL_STEPS:
-                why = [f"the training data gives {available} batches (within limit_train_batches), fewer than its"
-                       " longest round needs"] if not fits_data(DEFAULT_TRIAL_STEPS) else []
-                why += [f"the fit trains max_steps={budget} steps and the search trains at most as many"] if not fits_budget(
-                    DEFAULT_TRIAL_STEPS) else []
+            steps, why = fitted_trial_steps(DEFAULT_TRIAL_STEPS, len(self.candidates), self.rounds, available,
+                                            trainer.accumulate_grad_batches, budget)
+            if why:
                 rank_zero_warn(
                     f"{_WHO}: {' and '.join(why)}; using trial_steps={steps} instead of {DEFAULT_TRIAL_STEPS}"
                     f" ({self._steps(steps)} search steps). Set trial_steps to choose{_TRIAL_STEPS_FLAG}."
@@ -300,9 +291,6 @@ class AdaptiveRankSearch(SFTCallback):
             available = usable_batches(trainer, val, RunningStage.VALIDATING)
             self.val_batches = batch_count("val_batches", None, DEFAULT_VAL_BATCHES, available, _WHO, "validation")
         self.schedule = halving_schedule(len(self.candidates), self.rounds, self.trial_steps)
-
-    def _longest(self, trial_steps: int) -> int:
-        return halving_schedule(len(self.candidates), self.rounds, trial_steps)[-1][0]
 
     def _steps(self, trial_steps: int) -> int:
         return search_steps(halving_schedule(len(self.candidates), self.rounds, trial_steps))
@@ -334,7 +322,7 @@ class AdaptiveRankSearch(SFTCallback):
                 index, batch = next(batches)
                 loss = step_loss(trainer, pl_module, batch, index, trainer.precision_plugin.train_step_context, _WHO)
                 (loss / accumulate).backward()
-            _mean_gradients(trainer, params)
+            mean_gradients(trainer, params)
             if importance is not None:
                 add_importance(pl_module, importance)
             pl_module.configure_gradient_clipping(optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
@@ -360,34 +348,6 @@ def _build(pl_module: pl.LightningModule, lora: LoRA, targets: list[str], ranks:
     """Fresh adapters at ``ranks`` from the seed the LoRA callback drew its own from."""
     assert lora.init_seed is not None
     build_adapters(pl_module, lora.config, lora.init_seed, targets, ranks)
-
-
-def _check_length(
-    trainer: pl.Trainer, loader: CombinedLoader, needed: int, what: str, setting: str, fix: str
-) -> None:
-    stage = RunningStage.TRAINING if what == "training" else RunningStage.VALIDATING
-    available = usable_batches(trainer, loader, stage)
-    if available is None:
-        return  # not sized: take_batches reports it if the data runs out
-    if needed > available:
-        where = f" on each of {trainer.world_size} processes" if trainer.world_size > 1 else ""
-        name, limit = batch_limit(trainer, stage)
-        limited = f" (within {name}={limit})" if isinstance(limit, int) or limit < 1.0 else ""
-        raise ValueError(
-            f"AdaptiveRankSearch: a trial needs {needed} {what} batches ({setting}), but the {what} data has"
-            f" {available}{where}{limited}. Lower {fix}, leave it unset to use what there is, or use more data."
-        )
-
-
-def _mean_gradients(trainer: pl.Trainer, params: list[torch.nn.Parameter]) -> None:
-    """Average gradients over processes as DDP would (the trials call the module, not the DDP
-    wrapper); one all-reduce of all of them."""
-    if trainer.world_size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in grads]), reduce_op="mean")
-    for param, piece in zip(params, flat.split([g.numel() for g in grads])):
-        param.grad = piece.view_as(param).to(param.dtype)
 
 
 def _warn_past_max_time(trainer: pl.Trainer, first: Trial, total_steps: int) -> None:

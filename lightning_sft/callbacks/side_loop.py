@@ -130,3 +130,32 @@ def outside_the_fit(pl_module: pl.LightningModule) -> Iterator[dict[str, bool]]:
             else:
                 delattr(pl_module, key)
         restore_modes(pl_module, modes)
+
+
+def check_batches(
+    trainer: pl.Trainer, loader: CombinedLoader, needed: int, what: str, setting: str, fix: str, who: str
+) -> None:
+    """Refuse, before anything runs, a side loop that needs more ``what`` batches than the data has."""
+    stage = RunningStage.TRAINING if what == "training" else RunningStage.VALIDATING
+    available = usable_batches(trainer, loader, stage)
+    if available is None:
+        return  # not sized: take_batches reports it if the data runs out
+    if needed > available:
+        where = f" on each of {trainer.world_size} processes" if trainer.world_size > 1 else ""
+        name, limit = batch_limit(trainer, stage)
+        limited = f" (within {name}={limit})" if isinstance(limit, int) or limit < 1.0 else ""
+        raise ValueError(
+            f"{who}: a trial needs {needed} {what} batches ({setting}), but the {what} data has"
+            f" {available}{where}{limited}. Lower {fix}, leave it unset to use what there is, or use more data."
+        )
+
+
+def mean_gradients(trainer: pl.Trainer, params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over processes as DDP would (the trials call the module, not the DDP
+    wrapper); one all-reduce of all of them."""
+    if trainer.world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in grads]), reduce_op="mean")
+    for param, piece in zip(params, flat.split([g.numel() for g in grads])):
+        param.grad = piece.view_as(param).to(param.dtype)

@@ -116,6 +116,31 @@ def search_steps(schedule: Sequence[tuple[int, int]]) -> int:
     return sum(steps * trials for steps, trials in schedule)
 
 
+def fitted_trial_steps(
+    default: int, candidates: int, rounds: int, batches: int | None, accumulate: int, max_steps: int | None
+) -> tuple[int, list[str]]:
+    """The largest first-round ``trial_steps`` up to ``default`` whose longest round fits ``batches`` training
+    batches (``accumulate`` per step; None: unknown) and whose whole search trains at most ``max_steps``
+    (None: no budget), down to 1; and why it is below ``default`` (empty when it is not)."""
+
+    def fits_data(steps: int) -> bool:
+        return batches is None or halving_schedule(candidates, rounds, steps)[-1][0] * accumulate <= batches
+
+    def fits_budget(steps: int) -> bool:  # the search trains no more steps than the fit it serves
+        return max_steps is None or search_steps(halving_schedule(candidates, rounds, steps)) <= max_steps
+
+    steps = default
+    while steps > 1 and not (fits_data(steps) and fits_budget(steps)):
+        steps -= 1
+    why = []
+    if not fits_data(default):
+        why.append(f"the training data gives {batches} batches (within limit_train_batches), fewer than its longest"
+                   " round needs")
+    if not fits_budget(default):
+        why.append(f"the fit trains max_steps={max_steps} steps and the search trains at most as many")
+    return steps, why
+
+
 # -- per-module ranks ---------------------------------------------------------------------------------
 
 def component_importance(
