@@ -1,5 +1,5 @@
-"""QLoRA: 4-bit (NF4/FP4) base layers from bitsandbytes on CPU, partial decoding for contextual sparsity,
-the LoRA callback's ``quantize`` option, persistence, and refusals."""
+"""QLoRA: 4-bit (NF4/FP4) base layers from bitsandbytes on CPU, sparse blocks over them, the LoRA callback's
+``quantize`` option, persistence, and refusals. Decoding and the sliced 4-bit product: test_nf4.py."""
 
 from __future__ import annotations
 
@@ -29,16 +29,10 @@ from lightning_sft import (
 from lightning_sft.adapters import base_fingerprint, quantization
 from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.adapters.quantization import (
-    dense_view,
-    dequantize_cols,
-    dequantize_rows,
-    dequantize_weight,
-    is_quantized,
-    quantize_base,
-    quantized_bytes,
-    quantized_layers,
+    dequantize_weight, is_quantized, quantize_base, quantized_bytes, quantized_layers,
 )
 from lightning_sft.anatomy import describe
+from lightning_sft.kernels import nf4
 from lightning_sft.sparsity import SparsityState, desparsify, sparsify
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -89,66 +83,6 @@ def _dense_twin(model: nn.Module) -> nn.Module:
 
 def _ids(seed: int = 0, size: tuple[int, int] = (2, 12)) -> torch.Tensor:
     return torch.randint(0, CONFIG["vocab_size"], size, generator=torch.Generator().manual_seed(seed))
-
-
-def _linear4bit(out_features: int, in_features: int, quant_type: str, double_quant: bool, dtype: torch.dtype,
-                blocksize: int) -> nn.Module:
-    torch.manual_seed(out_features * 1000 + in_features)
-    linear = nn.Linear(in_features, out_features).to(dtype).requires_grad_(False)
-    if blocksize == 64 and in_features % 16:
-        holder = nn.Sequential(linear)
-        quantize_base(holder, quant_type, double_quant=double_quant)
-        return holder[0]
-    layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=dtype, quant_type=quant_type)
-    layer.weight = bnb.nn.Params4bit(linear.weight.detach(), requires_grad=False, blocksize=blocksize,
-                                     compress_statistics=double_quant, quant_type=quant_type, module=layer)
-    return layer.to("cpu")
-
-
-# --- decoding --------------------------------------------------------------------------------------
-
-SHAPES = [(7, 37), (5, 130), (3, 1), (6, 200), (4, 256), (3, 201), (2, 512)]
-
-
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_and_cols_decode_bit_exactly_what_bitsandbytes_decodes(quant_type, double_quant, dtype) -> None:
-    for out_features, in_features in SHAPES:
-        for blocksize in (64, 256):
-            if in_features % 16 == 0 and in_features % blocksize:
-                continue  # bitsandbytes' own CPU decoder is wrong there (see the refusal test)
-            layer = _linear4bit(out_features, in_features, quant_type, double_quant, dtype, blocksize)
-            full = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-            assert full.shape == (out_features, in_features) and full.dtype == dtype
-            assert torch.equal(dequantize_weight(layer), full)
-            rows = torch.tensor(sorted({0, out_features // 2, out_features - 1}))
-            cols = torch.tensor(sorted({0, 1 % in_features, in_features // 3, in_features - 1}))
-            assert torch.equal(dequantize_rows(layer, rows), full[rows]), (out_features, in_features, blocksize)
-            assert torch.equal(dequantize_cols(layer, cols), full[:, cols]), (out_features, in_features, blocksize)
-            every_row, every_col = torch.arange(out_features), torch.arange(in_features)
-            assert torch.equal(dequantize_rows(layer, every_row), full)
-            assert torch.equal(dequantize_cols(layer, every_col), full)
-
-
-def test_decoders_refuse_bad_indices_and_layers() -> None:
-    layer = _linear4bit(4, 64, "nf4", True, torch.float32, 64)
-    with pytest.raises(ValueError, match="int64"):
-        dequantize_rows(layer, torch.tensor([0, 1], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"\[0, 64\)"):
-        dequantize_cols(layer, torch.tensor([64]))
-    with pytest.raises(TypeError, match="not a 4-bit quantized layer"):
-        dequantize_weight(nn.Linear(4, 4))
-
-
-def test_dense_view_decodes_on_use_without_holding_the_weight() -> None:
-    layer = _linear4bit(6, 64, "nf4", True, torch.float32, 64)
-    view = dense_view(layer)
-    assert view.shape == (6, 64) and view.dtype == torch.float32 and isinstance(view, torch.Tensor)
-    assert type(view) is quantization.DequantizedWeight and view._layer is layer  # no dense copy held
-    assert torch.equal(view.detach().float().T.contiguous(), dequantize_weight(layer).T)
-    linear = nn.Linear(3, 2)
-    assert dense_view(linear) is linear.weight
 
 
 # --- quantize_base ---------------------------------------------------------------------------------
@@ -315,10 +249,10 @@ def test_callback_trains_a_4bit_base_resumes_exactly_and_saves_an_adapter_for_th
 
 def test_sparse_training_steps_decode_only_the_selected_rows_and_columns(tmp_path, monkeypatch) -> None:
     decoded: list[int] = []
-    original_decode, original_matmul = quantization._decode, bnb.matmul_4bit
+    original_decode, original_matmul = nf4.decode, bnb.matmul_4bit
 
-    def counting_decode(layer, rows, cols):
-        out = original_decode(layer, rows, cols)
+    def counting_decode(packed, rows=None, cols=None, **kwargs):
+        out = original_decode(packed, rows, cols, **kwargs)
         decoded.append(out.numel())
         return out
 
@@ -332,7 +266,7 @@ def test_sparse_training_steps_decode_only_the_selected_rows_and_columns(tmp_pat
 
     class Guard(pl.Callback):
         def on_train_batch_start(self, *args) -> None:
-            monkeypatch.setattr(quantization, "_decode", counting_decode)
+            monkeypatch.setattr(nf4, "decode", counting_decode)
             monkeypatch.setattr(quantization, "dequantize_weight", forbidden)
             monkeypatch.setattr(bnb.functional, "dequantize_4bit", forbidden)
             monkeypatch.setattr(bnb, "matmul_4bit", empty_only_matmul)
@@ -421,3 +355,16 @@ def test_callback_refuses_a_bad_quantize_value_and_sparse_finetuning(tmp_path) -
     with pytest.raises(ValueError, match="LoRA cannot run with SparseFineTuning: quantize='nf4': sparse fine-tuning trains entries"):
         _trainer(tmp_path, 1, [LoRA(quantize="nf4"), SparseFineTuning(density=0.1)]).fit(module, _loader())
     assert _snapshot(module) == before
+
+
+def test_importing_bitsandbytes_after_us_prints_no_missing_hub_kernel_line() -> None:
+    pytest.importorskip("bitsandbytes")
+    import subprocess
+
+    def stderr(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", f"import logging; logging.basicConfig(); {code}"],
+                              capture_output=True, text=True, timeout=300).stderr
+
+    if "kernels-community" not in stderr("import bitsandbytes"):
+        pytest.skip("this bitsandbytes build does not log the missing hub kernel on this CPU")
+    assert "kernels-community" not in stderr("import lightning_sft.adapters, bitsandbytes")

@@ -1,5 +1,8 @@
 """LoRA adapters: injection, persistence in peft's layout, merging."""
 
+import logging
+
+
 from lightning_sft.adapters.checkpoint import load_from_checkpoint
 from lightning_sft.adapters.injection import (
     LoRAConfig,
@@ -17,9 +20,15 @@ from lightning_sft.adapters.quantization import (
     dequantize_rows,
     dequantize_weight,
     is_quantized,
+    packed_weight,
     quantize_base,
     quantized_bytes,
 )
+
+# bitsandbytes' CPU backend logs, when imported, that an optional kernel from the Hugging Face hub (package
+# `kernels`) is missing, then uses its own CPU kernel: the one quantization._cpu_kernel_agrees checks. The line
+# only alarms users (offline it cannot be had), so it is dropped; every other bitsandbytes message stays.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
 
 __all__ = [
     "LoRAConfig",
@@ -35,6 +44,7 @@ __all__ = [
     "load_from_checkpoint",
     "lora_layers",
     "merge_adapter",
+    "packed_weight",
     "quantize_base",
     "quantized_bytes",
     "save_adapter",
