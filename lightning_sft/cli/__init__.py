@@ -1,8 +1,8 @@
 """``lightning-sft``: one module per subcommand, and the registry they are listed in.
 
 ``fit`` / ``validate`` / ``test`` are Lightning's CLI with this package's callbacks as flags
-(:mod:`lightning_sft.cli.train`); every other subcommand is a module with ``main(argv) -> int``,
-imported only when it runs. ``--help``, its epilog and docs/cli.md's command list come from
+(:mod:`lightning_sft.cli.train`); every other subcommand is a module with ``build_parser()`` and
+``main(argv) -> int``, imported only when it runs. ``--help``, its epilog and docs/cli.md's command list come from
 :data:`COMMANDS`. See ``docs/cli.md``.
 """
 
@@ -18,7 +18,8 @@ from lightning_sft.usage import usage_errors
 
 @dataclass(frozen=True)
 class Command:
-    """One ``lightning-sft`` subcommand: ``module`` provides ``main(argv) -> int`` and is imported only when
+    """One ``lightning-sft`` subcommand: ``module`` provides ``build_parser()`` (its options, parsed without
+    running: docs' quoted commands are checked with it) and ``main(argv) -> int``, and is imported only when
     the command runs (None: one of LightningCLI's own); ``usage`` and ``does`` are what --help and
     docs/cli.md show."""
 

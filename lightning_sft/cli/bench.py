@@ -10,6 +10,7 @@ import argparse
 from types import ModuleType
 
 from lightning_sft.bench import (
+    demo,
     distributed,
     federated,
     kernels,
@@ -25,7 +26,7 @@ from lightning_sft.bench import (
 from lightning_sft.usage import UsageParser
 
 BENCHMARKS: tuple[ModuleType, ...] = (
-    lora, sparsity, recall, quality, rank, layer_dropout, sparse_ft, memory, distributed, federated, kernels,
+    lora, sparsity, recall, quality, rank, layer_dropout, sparse_ft, memory, distributed, federated, kernels, demo,
 )
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning_sft.assets import resolve_model_dir
-from lightning_sft.sparse_ft.diff import DiffError, SparseDiff, apply_diff, read_diff, revert_diff
+from lightning_sft.sparse_ft.diff import DiffError, SparseDiff
+from lightning_sft.sparse_ft.diff_file import read_diff
+from lightning_sft.sparse_ft.diff_module import apply_diff, revert_diff
 from lightning_sft.usage import UsageParser
 
 # Files of a model directory that save_pretrained writes itself; everything else is copied over.
@@ -92,7 +94,7 @@ def write_model(model: Any, source: Path, out: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> UsageParser:
     parser = UsageParser(prog="lightning-sft diff", description=__doc__.splitlines()[0])
     actions = parser.add_subparsers(dest="action", required=True)
     inspect = actions.add_parser("inspect", help="print a diff's contents, size and fingerprints")
@@ -105,6 +107,11 @@ def main(argv: list[str]) -> int:
         sub.add_argument("--out", required=True, type=Path, help="the new directory to write the result to")
         sub.add_argument("--no-verify-base", action="store_true",
                          help="skip the base checks (fingerprint, changed entries): apply to another base on purpose")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.action == "inspect":

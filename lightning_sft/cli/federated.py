@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="layer", help="aggregation weights (default layer)")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet skew of the skills over clients (default 0.5; small = more non-IID)")
     parser.add_argument("--model", default="sft-llama-5m", help="base model (default: the shipped sft-llama-5m)")
-    parser.add_argument("--lora-r", type=int_at_least(1), default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--lora-r", "--lora.r", type=int_at_least(1), default=16, help="LoRA rank (default 16; --lora.r as in fit)")
     parser.add_argument("--lr", type=float, default=3e-3, help="client learning rate (default 3e-3)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=32, help="client batch size (default 32)")
     parser.add_argument("--num-train", type=int_at_least(1), default=8000, help="training examples over all clients (default 8000)")
@@ -104,7 +104,7 @@ def format_report(result: FederatedResult, counts: list[dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> UsageParser:
     parser = UsageParser(
         prog="lightning-sft federated",
         description="Simulate federated LoRA fine-tuning of the embedded arithmetic task with Flower: clients on a"
@@ -114,7 +114,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--tolerate-failures", action="store_true",
                         help="exit 0 even when a client failed in the last round (default: exit 1)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     try:
         result, counts = simulate(args, args.personal, args.layer_dropout)
     except ValueError as error:

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=int_at_least(1), default=1, help="number of GPUs (default 1)")
     parser.add_argument("--seq", type=int_at_least(1), default=2048, help="sequence length in tokens (default 2048)")
     parser.add_argument("--batch", type=int_at_least(1), default=4, help="micro-batch per GPU (default 4)")
-    parser.add_argument("--lora-r", type=int_at_least(1), default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--lora-r", "--lora.r", type=int_at_least(1), default=16, help="LoRA rank (default 16; --lora.r as in fit)")
     parser.add_argument("--methods", type=_methods, default=PLAN_METHODS, help="comma-separated subset of full,lora,qlora,sft")
     parser.add_argument("--sharded", action="store_true",
                         help="weigh only the recipes that shard the model over the GPUs (FSDP2 / ZeRO); needs --gpus >= 2")
@@ -61,10 +61,18 @@ def _gib(nbytes: int) -> str:
 
 
 def fit_command(result: Plan, model: str) -> str:
-    """The ``lightning-sft fit`` command of the recommendation; it names the model when fit can load it
-    (a shipped model or a local directory; a preset here is only a shape)."""
-    loadable = model in SHIPPED_MODELS or Path(model).is_dir()
-    return "lightning-sft fit " + (f"--model.model {model} " if loadable else "") + result.recommended.flags()
+    """The ``lightning-sft fit`` command of the recommendation, always naming the planned model: what fit
+    loads (a shipped model, a model directory, the directory of a config.json), or for a preset, which is
+    only a shape here, a placeholder for its weights' directory, so a pasted command cannot silently train
+    the demo model instead."""
+    path = Path(model)
+    if model in SHIPPED_MODELS or path.is_dir():
+        target = model
+    elif path.is_file():
+        target = str(path.parent)
+    else:
+        target = f"DIR_OF_{model or 'MODEL'}"
+    return f"lightning-sft fit --model.model {target} " + result.recommended.flags()
 
 
 def format_plan(result: Plan, show_all: bool = False, model: str = "") -> str:
@@ -84,11 +92,14 @@ def format_plan(result: Plan, show_all: bool = False, model: str = "") -> str:
         lines.append(
             f"| {recipe.name()} | {'yes' if recipe.fits else 'no'} | {_gib(e.peak)} | {parts} | {e.phase} | {recipe.speed:.2f} |"
         )
-    best = result.recommended
+    best, command = result.recommended, fit_command(result, model)
+    placeholder = command.split()[3]
     lines += [
         "",
         f"Recommended: {best.name()} (peak {_gib(best.estimate.peak)} GiB, {best.estimate.trainable_params:,} trainable parameters).",
-        f"  {fit_command(result, model)}",
+        f"  {command}",
+        *([f"  (replace {placeholder} by the directory of its Hugging Face weights)"]
+          if placeholder.startswith("DIR_OF_") else []),
         "",
         "Components are per GPU at the step's peak; relative speed is a FLOP model (1.00 = fastest that fits), with"
         f" QLoRA dequantization assumed at +{QLORA_OVERHEAD:.0%} and ZeRO-3 communication at +{ZERO3_OVERHEAD:.0%} (not"

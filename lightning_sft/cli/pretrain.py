@@ -9,7 +9,7 @@ from lightning_sft.pretraining.run import pretrain
 from lightning_sft.usage import UsageParser
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> UsageParser:
     parser = UsageParser(prog="lightning-sft pretrain", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="directory for the model, tokenizer and record")
     parser.add_argument("--steps", type=int, default=1600)
@@ -20,6 +20,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--number-lines", type=int, default=100_000)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--val-interval", type=int, default=250, help="validate every N steps")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if min(args.steps, args.batch_size, args.val_interval) <= 0 or args.seq_len <= 1:
         parser.error("--steps, --batch-size and --val-interval must be positive and --seq-len at least 2")

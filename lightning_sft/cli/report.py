@@ -9,10 +9,15 @@ from lightning_sft.report import find_runs, plot, read_metrics, run_labels, writ
 from lightning_sft.usage import UsageParser
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> UsageParser:
     parser = UsageParser(prog="lightning-sft report", description=__doc__.splitlines()[0].split(': ', 1)[1])
     parser.add_argument("log_dirs", nargs="+", type=Path, help="run directories or parents of several runs")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first LOGDIR)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.log_dirs)
