@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_sft.kernels import reference
+from lightning_sft.kernels.indices import check_indices
 from lightning_sft.kernels.nf4 import Packed4bit
 from lightning_sft.kernels.products import Kind, Packed4bitMatmul, SparseMatmul, keep_slice, rows_bias_grad
 Backend = Literal["auto", "torch", "triton"]
@@ -102,22 +103,6 @@ def _check_weight(weight: Tensor | Packed4bit, transposed: bool, backend: Backen
     return weight.t() if transposed else weight
 
 
-def _check_idx(idx: Tensor, limit: int, device: torch.device, check_values: bool) -> None:
-    if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
-        got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, Tensor) else type(idx).__name__
-        raise ValueError(f"idx must be a 1-D int64 tensor, got {got}; use dtype=torch.long")
-    if idx.device != device:
-        raise ValueError(f"idx is on {idx.device} but the weight is on {device}: pass idx.to(weight.device)")
-    if not check_values or idx.numel() == 0:
-        return
-    lo, hi = torch.aminmax(idx)
-    out_of_range, unsorted = torch.stack([(lo < 0) | (hi >= limit), (idx[1:] <= idx[:-1]).any()]).tolist()
-    if out_of_range:
-        raise ValueError(f"idx has values outside [0, {limit}): min {int(lo)}, max {int(hi)}")
-    if unsorted:
-        raise ValueError("idx must be sorted and unique: pass torch.unique(idx) (it sorts)")
-
-
 def _check_operands(kind: Kind, a: Tensor, w: Tensor | Packed4bit, idx: Tensor, bias: Tensor | None) -> None:
     if not a.is_floating_point() or a.dim() == 0:
         raise ValueError(
@@ -179,7 +164,7 @@ def sparse_matmul(
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     w = _check_weight(weight, transposed, backend)  # logical (out, in) view
-    _check_idx(idx, w.shape[0] if kind == "rows" else w.shape[1], w.device, check_idx)
+    check_indices(idx, w.shape[0] if kind == "rows" else w.shape[1], w.device, values=check_idx)
     _check_operands(kind, a, w, idx, bias)
     flat = a.reshape(a.shape[:-1].numel(), a.shape[-1])  # not -1: a may have 0 features (k = 0)
     if isinstance(w, Packed4bit):
@@ -299,7 +284,7 @@ def fused_rows_matmul(
     for w, idx, bias in zip(views, indices, biases):
         if w.requires_grad:
             raise ValueError("frozen weights only: a weight requires grad; use F.linear for trained weights.")
-        _check_idx(idx, w.shape[0], w.device, check_values=False)
+        check_indices(idx, w.shape[0], w.device, values=False)
         _check_operands("rows", x, w, idx, bias)
     dtype = _compute_dtype(x, views[0], biases[0])
     if len(views) == 1 or resolve_backend(backend, x.device, dtype) == "triton":

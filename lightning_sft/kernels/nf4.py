@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_sft.kernels.indices import check_indices
+
 
 def _problem(message: str) -> None:
     raise ValueError(f"Packed4bit: {message}")
@@ -111,16 +113,6 @@ def _absmax_at(packed: Packed4bit, blocks: Tensor) -> Tensor:
     return packed.nested_code[codes] * packed.nested_absmax[blocks // packed.nested_blocksize] + packed.offset
 
 
-def _check_index(idx: Tensor, limit: int, device: torch.device, what: str) -> None:
-    if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
-        got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
-        raise ValueError(f"{what} indices must be a 1-D int64 tensor; got {got}. Use dtype=torch.long.")
-    if idx.device != device:
-        raise ValueError(f"{what} indices are on {idx.device} but the weight is on {device}.")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limit):
-        raise ValueError(f"{what} indices must lie in [0, {limit}); got min {int(idx.min())}, max {int(idx.max())}.")
-
-
 def decode(
     packed: Packed4bit, rows: Tensor | None = None, cols: Tensor | None = None, *, check: bool = False
 ) -> Tensor:
@@ -135,9 +127,9 @@ def decode(
     """
     out_features, in_features = packed.shape
     if check:
-        for idx, limit, what in ((rows, out_features, "row"), (cols, in_features, "column")):
+        for idx, limit, name in ((rows, out_features, "rows"), (cols, in_features, "cols")):
             if idx is not None:
-                _check_index(idx, limit, packed.device, what)
+                check_indices(idx, limit, packed.device, name, sorted_unique=False)
     size = packed.blocksize
     data = packed.data
     device = data.device
