@@ -86,8 +86,13 @@ def worker(out: Path, steps: int, batch: int) -> None:
     torch.distributed.all_gather_object(per_rank, rank_bytes(module, trainer.optimizers))
     if trainer.global_rank == 0:
         (out / "fsdp2.json").write_text(json.dumps({"losses": losses, "rank_bytes": per_rank}))
-    # Gloo's threads must stop before the interpreter does, or its exit can abort ("terminate called").
+    # Gloo's threads must stop before the interpreter does, or its exit can abort ("terminate called"); even
+    # after destroy_process_group one in three exits still did here, so with the results written the process
+    # ends without the interpreter's teardown.
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def one_process(steps: int, batch: int) -> list[float]:
