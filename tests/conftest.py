@@ -1,11 +1,19 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and the one place their shared helpers live (``tests/helpers``).
+
+The tests mirror the package (``tests/<subpackage>/test_*.py``); the modules of ``tests/helpers`` (tiny
+models, the 2-process scripts, generated-docs checks) are importable from every test by their names.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
 
 @pytest.fixture

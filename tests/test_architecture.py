@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from generated_docs import check_generated
 
+import lightning_sft
 import lightning_sft.callbacks as public
 from lightning_sft.callbacks.base import SFTCallback, compatibility_table
 
@@ -60,3 +61,13 @@ def test_every_callback_declares_what_it_goes_with_and_the_matrix_is_generated()
         for name, (setting, why) in cls.excludes_when.items():
             assert name in names and setting and why, (cls, name)
     check_generated("api.md", "compatibility table", compatibility_table(callbacks), "tests/test_architecture.py")
+
+
+def test_the_tests_mirror_the_package_and_share_helpers_from_one_place() -> None:
+    tests = Path(__file__).parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and p.name not in ("helpers", "__pycache__")}
+    packages = {p.name for p in Path(lightning_sft.__file__).parent.iterdir() if (p / "__init__.py").is_file()}
+    assert folders and folders <= packages, f"test folders without a subpackage: {sorted(folders - packages)}"
+    stray = [str(p.relative_to(tests)) for p in tests.rglob("*.py")
+             if not p.name.startswith("test_") and p.name != "conftest.py" and p.parent.name != "helpers"]
+    assert not stray, f"shared test code belongs in tests/helpers: {stray}"

@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
 import sharded_cases as cases  # noqa: E402
+from ddp_helpers import HELPERS  # noqa: E402
 
 from lightning_sft import (  # noqa: E402
     AdaptiveRankSearch,
@@ -53,7 +53,7 @@ QLORA_TOLERANCE = dict(rtol=1e-3, atol=2e-5)
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fsdp2")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    script = Path(__file__).parent / "sharded_cases.py"
+    script = HELPERS / "sharded_cases.py"
     result = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddp_helpers import run_ddp_and_compare_adapters
+from ddp_helpers import HELPERS, run_ddp_and_compare_adapters
 from lightning_sft import ContextualSparsity, LoRA
 from lightning_sft.data import RandomTokenData
 from lightning_sft.modules import CausalLM
@@ -90,7 +90,7 @@ def test_resume_mid_run_equals_uninterrupted_run_and_keeps_warmup(tmp_path: Path
 def test_two_process_ddp_runs_sparse_on_both_ranks_with_identical_adapters(tmp_path: Path) -> None:
     # Each rank picks its channels from its own micro-batch, so the forwards (and the local gradients)
     # differ between ranks; DDP all-reduces the gradients, so the adapters still agree bit for bit.
-    run_ddp_and_compare_adapters(Path(__file__).parent / "ddp_sparsity_script.py", tmp_path, expected_tensors=28)
+    run_ddp_and_compare_adapters(HELPERS / "ddp_sparsity_script.py", tmp_path, expected_tensors=28)
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert report["world_size"] == 2 and report["global_rank"] == rank

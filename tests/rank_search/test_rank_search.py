@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
-from ddp_helpers import run_ddp_and_compare_adapters
+from ddp_helpers import HELPERS, run_ddp_and_compare_adapters
 from lightning_sft import AdaptiveRankSearch, LoRA, LoRAConfig, inject_lora, lora_layers
 from lightning_sft.callbacks import rank_search as rank_search_callback
 from lightning_sft.callbacks.rank_search import _warn_past_max_time
@@ -280,7 +280,7 @@ def test_per_module_ranks_fill_the_chosen_budget(tmp_path: Path) -> None:
 
 
 def test_two_process_ddp_ranks_agree_on_the_choice_and_the_adapters(tmp_path: Path) -> None:
-    script = Path(__file__).parent / "ddp_rank_search_script.py"
+    script = HELPERS / "ddp_rank_search_script.py"
     run_ddp_and_compare_adapters(script, tmp_path, expected_tensors=28)
     records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert records[0]["first_ids"] != records[1]["first_ids"]  # the processes trained on different batches

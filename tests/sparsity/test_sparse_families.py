@@ -2,7 +2,7 @@
 dense model whose dropped channels are zeroed for the sparse tokens (outputs, input and LoRA
 gradients), keep-all equals dense, nothing is left behind, and the SVD estimator trains through
 the callback. The families table of docs/contextual_sparsity.md is generated from these results
-(``LSFT_WRITE_DOCS=1 python3 -m pytest tests/test_sparse_families.py`` rewrites it)."""
+(``LSFT_WRITE_DOCS=1 python3 -m pytest tests/sparsity/test_sparse_families.py`` rewrites it)."""
 
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def _table() -> str:
 def test_docs_families_table_is_generated_from_these_results() -> None:
     if len(RESULTS) != len(FAMILIES) or any(len(row) != 4 for row in RESULTS.values()):
         pytest.skip("needs the whole module's results (run the file, not one test)")
-    check_generated("contextual_sparsity.md", "families table", _table(), "tests/test_sparse_families.py")
+    check_generated("contextual_sparsity.md", "families table", _table(), "tests/sparsity/test_sparse_families.py")
 
 
 # -- bad input: a clear error, the model unchanged -------------------------------------------------------

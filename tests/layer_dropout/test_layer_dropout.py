@@ -25,9 +25,9 @@ from lightning_sft.layer_dropout.schedules import (
 )
 from lightning_sft.anatomy.stacks import attention_width, block_step_flops, find_stacks
 from lightning_sft.modules import CausalLM
-from tests import tiny_models
-from tests.ddp_helpers import run_ddp_and_compare_adapters
-from tests.tiny_fits import tiny_data, tiny_fit, tiny_trainer
+import tiny_models
+from ddp_helpers import HELPERS, run_ddp_and_compare_adapters
+from tiny_fits import tiny_data, tiny_fit, tiny_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: see conftest.py
 
@@ -357,7 +357,7 @@ def test_auto_tries_every_arm_then_logs_its_statistics(tmp_path: Path) -> None:
 
 
 def test_two_process_ddp_with_default_settings_drops_the_same_blocks(tmp_path: Path) -> None:
-    script = Path(__file__).parent / "ddp_layer_dropout_script.py"
+    script = HELPERS / "ddp_layer_dropout_script.py"
     run_ddp_and_compare_adapters(script, tmp_path, expected_tensors=28)
     drops = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert drops[0] == drops[1] and "1" in drops[0]

@@ -333,7 +333,7 @@ def test_help_and_the_docs_list_every_command_from_one_registry(capsys: pytest.C
         main(["--help"])
     epilog = " ".join(capsys.readouterr().out.split())
     assert all(f"{c.name}: " in epilog for c in COMMANDS)
-    check_generated("cli.md", "command list", command_table(), "tests/test_cli.py")
+    check_generated("cli.md", "command list", command_table(), "tests/cli/test_cli.py")
 
 
 def test_a_failed_fit_leaves_no_log_directory_and_fits_print_no_adverts(tmp_path: Path) -> None:

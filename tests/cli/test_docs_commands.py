@@ -14,7 +14,7 @@ import pytest
 from lightning_sft.cli import PLAIN_SUBCOMMANDS
 from lightning_sft.cli.train import SFTCLI
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _PREFIXES = (["lightning-sft"], ["python", "-m", "lightning_sft.cli"], ["python3", "-m", "lightning_sft.cli"])
 _SHELL_ENDS = {"|", "||", "&&", ";", ">", ">>", "2>&1", "&"}

@@ -18,9 +18,9 @@ from lightning_sft.data import RandomTokenData
 from lightning_sft.modules import CausalLM
 from lightning_sft.sparse_ft import SparseDeltaLinear, sparse_delta_layers
 from lightning_sft.sparse_ft.selection import drop_and_regrow, entry_count, top_entries
-from tests import tiny_models
-from tests.ddp_helpers import run_ddp_and_compare_adapters
-from tests.tiny_fits import tiny_data, tiny_fit, tiny_trainer
+import tiny_models
+from ddp_helpers import HELPERS, run_ddp_and_compare_adapters
+from tiny_fits import tiny_data, tiny_fit, tiny_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -282,7 +282,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
 
 
 def test_two_process_ddp_selects_and_trains_the_same_entries(tmp_path: Path) -> None:
-    script = Path(__file__).parent / "ddp_sparse_finetuning_script.py"
+    script = HELPERS / "ddp_sparse_finetuning_script.py"
     weights = run_ddp_and_compare_adapters(script, tmp_path, expected_tensors=28, trained_suffix="delta_values")
     assert sum(name.endswith("delta_indices") for name in weights) == 14
 

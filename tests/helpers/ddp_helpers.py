@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+# tests/helpers: the scripts the tests launch in fresh processes live beside this module.
+HELPERS = Path(__file__).resolve().parent
+
 
 def run_ddp_and_compare_adapters(
     script: Path, out: Path, expected_tensors: int, trained_suffix: str = "lora_B"

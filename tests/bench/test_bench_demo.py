@@ -9,7 +9,7 @@ from pathlib import Path
 from lightning_sft.bench.demo import BLOCK, COMMAND
 from lightning_sft.cli import main
 
-DEMO_MD = Path(__file__).resolve().parents[1] / "docs" / "demo.md"
+DEMO_MD = Path(__file__).resolve().parents[2] / "docs" / "demo.md"
 
 
 def test_the_demo_page_quotes_the_block_the_command_writes() -> None:

@@ -1,6 +1,6 @@
 """The bad-input table of docs/bad_inputs.md, generated from these cases: every public callback and CLI
 command, what the user sees, and the state afterwards, each checked here
-(``LSFT_WRITE_DOCS=1 python3 -m pytest tests/test_bad_inputs.py`` rewrites the table)."""
+(``LSFT_WRITE_DOCS=1 python3 -m pytest tests/callbacks/test_bad_inputs.py`` rewrites the table)."""
 
 from __future__ import annotations
 
@@ -149,4 +149,4 @@ def test_the_docs_table_is_generated_from_these_cases() -> None:
     import lightning_sft.callbacks as public
 
     assert callbacks == set(public.__all__)  # every public callback has a row
-    check_generated("bad_inputs.md", "bad-input table", _table(), "tests/test_bad_inputs.py")
+    check_generated("bad_inputs.md", "bad-input table", _table(), "tests/callbacks/test_bad_inputs.py")

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from ddp_helpers import run_ddp_and_compare_adapters
+from ddp_helpers import HELPERS, run_ddp_and_compare_adapters
 
 
 def test_two_process_ddp_trains_identical_adapters(tmp_path: Path) -> None:
-    run_ddp_and_compare_adapters(Path(__file__).parent / "ddp_lora_script.py", tmp_path, expected_tensors=28)
+    run_ddp_and_compare_adapters(HELPERS / "ddp_lora_script.py", tmp_path, expected_tensors=28)

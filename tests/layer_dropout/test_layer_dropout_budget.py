@@ -10,7 +10,7 @@ import pytest
 from lightning_sft import LayerDropout, LoRA
 from lightning_sft.layer_dropout.schedules import drop_probabilities, expected_drop_fraction, rates_within_budget
 from lightning_sft.modules import CausalLM
-from tests.tiny_fits import tiny_data, tiny_trainer
+from tiny_fits import tiny_data, tiny_trainer
 
 ARMS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 

@@ -1,8 +1,8 @@
 """Every callback under sharded strategies, one launch for all cases: run by test_fsdp2 on CPU (2 gloo
 processes, FSDP2 and DDP), and by hand on CUDA for FSDP1 and DeepSpeed (docs/distributed.md)::
 
-    python tests/sharded_cases.py OUT                      # CPU: FSDP2, with DDP references
-    python tests/sharded_cases.py OUT --accelerator gpu --devices 2 \
+    python tests/helpers/sharded_cases.py OUT                      # CPU: FSDP2, with DDP references
+    python tests/helpers/sharded_cases.py OUT --accelerator gpu --devices 2 \
         --strategies fsdp2,fsdp,deepspeed_stage_2,deepspeed_stage_3 --compare
 
 Rank 0 writes ``OUT/<case>-<strategy>.json`` (the loss of every step, averaged over the processes, and
