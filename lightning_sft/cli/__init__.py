@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_sft.usage import usage_errors
+from lightning_sft.usage import exit_with_usage_error, usage_errors
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,24 @@ def commands_epilog() -> str:
     return "Commands: " + "; ".join(f"{c.name}: {c.does.split(' ([')[0]}" for c in COMMANDS) + "."
 
 
+def top_help() -> str:
+    """``lightning-sft --help``: every command of ``COMMANDS`` (Lightning's own help would list only the
+    three it runs), and what fit / validate / test take."""
+    from lightning_sft.cli.flags import flag_summary  # loads the callbacks (Lightning): only for --help
+
+    width = max(len(c.name) for c in COMMANDS)
+    lines = ["usage: lightning-sft [-c CONFIG] COMMAND ...", "",
+             "Fine-tune LLMs cheaply with Lightning. `lightning-sft COMMAND --help` shows a command's options.", "",
+             "commands:"]
+    lines += [textwrap.fill(c.does.split(" ([")[0], width=100, initial_indent=f"  {c.name:<{width}}  ",
+                            subsequent_indent=" " * (width + 4), break_on_hyphens=False) for c in COMMANDS]
+    lines += ["", textwrap.fill(
+        f"fit, validate and test take the Trainer, --model and --data options plus {flag_summary()}; -c/--config"
+        " reads them from a YAML file. LoRA and EfficiencyMonitor are on by default. See docs/cli.md.", width=100,
+        break_on_hyphens=False)]
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry: ``lightning-sft {fit,validate,test,bench,diff,federated,plan,pretrain,report} ...``.
 
@@ -71,6 +90,12 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     prog = "lightning-sft" + (f" {argv[0]}" if argv[:1] and not argv[0].startswith("-") else "")
     with usage_errors(prog):
+        if argv in ([], ["-h"], ["--help"]):
+            if not argv:
+                names = ", ".join(c.name for c in COMMANDS)
+                exit_with_usage_error(prog, f"choose a command: {names}", "lightning-sft --help says what each does")
+            print(top_help())
+            return
         if argv[:1] and argv[0] in PLAIN_SUBCOMMANDS:
             module = importlib.import_module(PLAIN_SUBCOMMANDS[argv[0]])  # lazy: training needs none of them
             code = module.main(argv[1:])
