@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     **dict.fromkeys(
         ("AdaptiveRankSearch", "AttentionImplementation", "ContextualSparsity", "EfficiencyMonitor",
-         "EightBitOptimizer", "GradientCheckpointing", "LayerDropout", "LoRA", "SparseFineTuning"),
+         "EightBitOptimizer", "FusedCrossEntropy", "GradientCheckpointing", "LayerDropout", "LoRA", "SparseFineTuning"),
         "lightning_sft.callbacks",
     ),
     **dict.fromkeys(
@@ -27,6 +27,7 @@ _EXPORTS = {
          "set_attention_implementation"),
         "lightning_sft.recipes",
     ),
+    "linear_cross_entropy": "lightning_sft.losses",
     **dict.fromkeys(("apply_diff", "export_lora_diff", "read_diff", "revert_diff", "save_diff"), "lightning_sft.sparse_ft"),
 }
 

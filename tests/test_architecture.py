@@ -15,7 +15,7 @@ import lightning_sft.callbacks as public
 from lightning_sft.callbacks.base import SFTCallback, compatibility_table
 
 PURE = [
-    "anatomy", "adapters", "sparse_ft", "memory", "recipes", "sparsity", "kernels", "layer_dropout.schedules",
+    "anatomy", "adapters", "losses", "sparse_ft", "memory", "recipes", "sparsity", "kernels", "layer_dropout.schedules",
     "rank_search", "sharding", "restore_point", "usage",
     # the command line's registry and the subcommands that train nothing start without Lightning
     "cli", "cli.plan", "cli.diff", "cli.report",

@@ -4,6 +4,7 @@ from lightning_sft.callbacks.attention import AttentionImplementation
 from lightning_sft.callbacks.contextual_sparsity import ContextualSparsity
 from lightning_sft.callbacks.efficiency import EfficiencyMonitor
 from lightning_sft.callbacks.eight_bit_optimizer import EightBitOptimizer
+from lightning_sft.callbacks.fused_cross_entropy import FusedCrossEntropy
 from lightning_sft.callbacks.gradient_checkpointing import GradientCheckpointing
 from lightning_sft.callbacks.layer_dropout import LayerDropout
 from lightning_sft.callbacks.lora import LoRA
@@ -16,6 +17,7 @@ __all__ = [
     "ContextualSparsity",
     "EfficiencyMonitor",
     "EightBitOptimizer",
+    "FusedCrossEntropy",
     "GradientCheckpointing",
     "LayerDropout",
     "LoRA",

@@ -23,6 +23,7 @@ from lightning_sft.callbacks import (
     ContextualSparsity,
     EfficiencyMonitor,
     EightBitOptimizer,
+    FusedCrossEntropy,
     GradientCheckpointing,
     LayerDropout,
     LoRA,
@@ -167,6 +168,14 @@ FEATURE_FLAGS: dict[str, FeatureFlag] = {
         choices=("off", "on"),
         default="off",
         build=lambda value: GradientCheckpointing(),
+    ),
+    "--fused-ce": FeatureFlag(
+        "--fused-ce",
+        help="Fused linear cross-entropy (FusedCrossEntropy): the causal LM's training loss from its hidden states"
+        " and head, chunk by chunk, never holding the tokens x vocab logits or their gradient; 'off' disables it.",
+        choices=("off", "on"),
+        default="off",
+        build=lambda value: FusedCrossEntropy(),
     ),
     "--attention": FeatureFlag(
         "--attention",

@@ -1,5 +1,5 @@
 """Memory-saving recipes: activation checkpointing per block, the attention kernel of Hugging Face
-models, and 8-bit optimizer states. Pure logic (no Lightning); the callbacks in
+models, 8-bit optimizer states, and a causal LM's loss without its logits (``fused_loss``). Pure logic (no Lightning); the callbacks in
 ``lightning_sft.callbacks`` switch them on for a fit. See ``docs/memory_recipes.md``."""
 
 from lightning_sft.recipes.attention import IMPLEMENTATIONS, set_attention_implementation

@@ -22,6 +22,7 @@ from lightning_sft import (
     ContextualSparsity,
     EfficiencyMonitor,
     EightBitOptimizer,
+    FusedCrossEntropy,
     GradientCheckpointing,
     LayerDropout,
     LoRA,
@@ -58,6 +59,7 @@ CONSTRUCTION = [
     Case("EightBitOptimizer", "EightBitOptimizer(min_8bit_size=-1)", lambda: EightBitOptimizer(min_8bit_size=-1)),
     Case("EfficiencyMonitor", "EfficiencyMonitor(tokens_fn=3)", lambda: EfficiencyMonitor(tokens_fn=3)),
     Case("ContextualSparsity", 'ContextualSparsity(strategy="bogus")', lambda: ContextualSparsity(strategy="bogus")),
+    Case("FusedCrossEntropy", "FusedCrossEntropy(chunk_size=0)", lambda: FusedCrossEntropy(chunk_size=0)),
 ]
 AT_FIT = [
     Case("LoRA", 'LoRA(target_modules=["nope"])', lambda m: _fit(m, LoRA(target_modules=["nope"]))),
@@ -73,6 +75,8 @@ AT_FIT = [
          lambda m: _fit(m, LoRA(r=2), ContextualSparsity(mlp_sparsity="auto", dense_layers=(), dense_warmup=0))),
     Case("EightBitOptimizer", 'EightBitOptimizer() under strategy="fsdp2"',
          lambda m: _setup_under(m, FSDP2Strategy(), LoRA(r=2), EightBitOptimizer())),
+    Case("FusedCrossEntropy", 'FusedCrossEntropy() under strategy="fsdp2"',
+         lambda m: _setup_under(m, FSDP2Strategy(), LoRA(r=2), FusedCrossEntropy())),
 ]
 CLI = [
     ("fit", ["fit", "--lora.r", "-1"]),

@@ -1,0 +1,7 @@
+"""Losses computed without materialising what they are computed from: the cross-entropy of a linear head
+chunk by chunk (``linear_cross_entropy``). Pure torch; the ``FusedCrossEntropy`` callback applies it to a
+Hugging Face causal LM's own loss."""
+
+from lightning_sft.losses.linear_cross_entropy import default_chunk, linear_cross_entropy
+
+__all__ = ["default_chunk", "linear_cross_entropy"]
