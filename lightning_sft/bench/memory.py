@@ -26,7 +26,9 @@ _LLAMA = {
 }
 _QWEN2 = {**_LLAMA, "model_type": "qwen2", "tie_word_embeddings": True}  # q/k/v biases, tied head
 _GPT2 = {"model_type": "gpt2", "vocab_size": 2048, "n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 256}
-MODELS = {"llama": _LLAMA, "llama-tied": {**_LLAMA, "tie_word_embeddings": True}, "qwen2": _QWEN2, "gpt2": _GPT2}
+_LLAMA_32K = {**_LLAMA, "vocab_size": 32000, "num_hidden_layers": 2}  # a real vocabulary: the loss's share
+MODELS = {"llama": _LLAMA, "llama-tied": {**_LLAMA, "tie_word_embeddings": True}, "qwen2": _QWEN2, "gpt2": _GPT2,
+          "llama-32k": _LLAMA_32K}
 
 # (model, setup options): every method, both precisions, both attention kernels, and each recipe.
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
@@ -44,6 +46,16 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("qwen2", {"method": "lora", "precision": "bf16-true", "attention": "sdpa"}),
     ("gpt2", {"method": "full", "precision": "32-true", "attention": "eager"}),
     ("gpt2", {"method": "lora", "precision": "32-true", "attention": "eager"}),
+    # the loss of a 32k vocabulary at 2 x 512 tokens, unfused and fused (FusedCrossEntropy)
+    ("llama-32k", {"method": "lora", "precision": "32-true", "attention": "sdpa", "batch": 2, "seq": 512}),
+    ("llama-32k", {"method": "lora", "precision": "32-true", "attention": "sdpa", "batch": 2, "seq": 512,
+                   "fused_ce": True}),
+    ("llama-32k", {"method": "lora", "precision": "bf16-true", "attention": "sdpa", "batch": 2, "seq": 512,
+                   "fused_ce": True}),
+    ("llama-32k", {"method": "lora", "precision": "bf16-true", "attention": "sdpa", "batch": 2, "seq": 512,
+                   "gradient_checkpointing": True, "fused_ce": True}),
+    ("llama-32k", {"method": "full", "precision": "32-true", "attention": "sdpa", "batch": 2, "seq": 512,
+                   "fused_ce": True}),
 ]
 
 
@@ -71,7 +83,7 @@ def compare(model: str, options: dict[str, Any], batch: int, seq: int) -> dict[s
     """One configuration: measured and estimated sizes, peak and the relative errors."""
     from lightning_sft.bench.memory_harness import measure
 
-    setup = TrainingSetup(batch=batch, seq=seq, device="cpu", **options)
+    setup = TrainingSetup(**{"batch": batch, "seq": seq, "device": "cpu", **options})  # a row may fix its size
     measurement = measure(MODELS[model], setup)
     guess = estimate(MODELS[model], setup)
     measured = measured_sizes(measurement)
@@ -95,6 +107,8 @@ def _describe(options: dict[str, Any]) -> str:
     words = [options["method"], options["precision"], options["attention"]]
     words += [options["optimizer"]] if "optimizer" in options else []
     words += ["checkpointing"] if options.get("gradient_checkpointing") else []
+    words += ["fused CE"] if options.get("fused_ce") else []
+    words += [f"{options['batch']}x{options['seq']}"] if "seq" in options else []
     return " ".join(words)
 
 

@@ -194,6 +194,10 @@ def _callbacks(setup: TrainingSetup) -> list[Callback]:
         from lightning_sft.callbacks import EightBitOptimizer
 
         callbacks.append(EightBitOptimizer())
+    if setup.fused_ce:
+        from lightning_sft.callbacks import FusedCrossEntropy
+
+        callbacks.append(FusedCrossEntropy())
     if setup.layer_dropout:
         from lightning_sft.callbacks import LayerDropout
 

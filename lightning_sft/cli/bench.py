@@ -13,6 +13,7 @@ from lightning_sft.bench import (
     demo,
     distributed,
     federated,
+    fused_ce,
     kernels,
     layer_dropout,
     lora,
@@ -26,7 +27,7 @@ from lightning_sft.bench import (
 from lightning_sft.usage import UsageParser
 
 BENCHMARKS: tuple[ModuleType, ...] = (
-    lora, sparsity, recall, quality, rank, layer_dropout, sparse_ft, memory, distributed, federated, kernels, demo,
+    lora, sparsity, recall, quality, rank, layer_dropout, sparse_ft, memory, distributed, federated, kernels, demo, fused_ce,
 )
 
 

@@ -68,6 +68,7 @@ class TrainingSetup:
     gpus: int = 1
     layer_dropout: float = 0.0
     device: Device = "cuda"
+    fused_ce: bool = False
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -150,14 +151,17 @@ def estimate(config: Any, setup: TrainingSetup | None = None, **options: Any) ->
     if setup.zero_stage >= 1:
         optimizer = _sharded(optimizer, n)
     activations, block_activations = _activations(shape, setup)
-    logits = _logits(shape, setup)
+    logits = 0 if setup.fused_ce else _logits(shape, setup)
+    held, loss_forward, loss_backward = _fused_loss(shape, setup) if setup.fused_ce else (
+        0, _forward_temporaries(shape, setup), 8 * setup.batch * setup.seq * shape.vocab + _batch_bytes(setup))
+    activations += held
     sizes = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations, "logits": logits}
 
     gathered = 2 * _block_weight_bytes(shape, setup) if setup.zero_stage == 3 else 0  # one block in use, one prefetched
     tokens = setup.batch * setup.seq
     phases = {
-        "forward": {**sizes, "temporaries": _forward_temporaries(shape, setup) + gathered},
-        "backward": {**sizes, "gradients": 0, "temporaries": 8 * tokens * shape.vocab + _batch_bytes(setup) + gathered},
+        "forward": {**sizes, "temporaries": loss_forward + gathered},
+        "backward": {**sizes, "gradients": 0, "temporaries": loss_backward + gathered},
         "optimizer": {
             "weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": 0, "logits": 0,
             "temporaries": _optimizer_temporaries(trainable, setup) + _batch_bytes(setup),
@@ -361,6 +365,28 @@ def _block_bytes(shape: ModelShape, setup: TrainingSetup, first: bool) -> float:
 def _logits(shape: ModelShape, setup: TrainingSetup) -> int:
     """Cross-entropy keeps its fp32 log-softmax: 4 bytes per token per vocabulary entry."""
     return 4 * setup.batch * setup.seq * shape.vocab
+
+
+def _fused_loss(shape: ModelShape, setup: TrainingSetup) -> tuple[int, int, int]:
+    """(held from the loss to backward, forward temporaries, backward temporaries) of the fused linear
+    cross-entropy (``losses.linear_cross_entropy``). Its forward computes the gradients and holds them: the
+    hidden states' in their dtype, and the head weight's in fp32 when the head trains. At work it holds one
+    chunk's fp32 logits and logsumexp's fp32 working copy of them, and with 16-bit weights two more chunks
+    in that dtype (the logits as computed, and the gradient cast back for its products; measured). Backward scales the held gradients once;
+    with no logits gradient left, its largest working set is the last block's MLP gradients (of the down
+    projection's input and, gated, of the gate and up outputs). No ``tokens x vocab`` tensor exists."""
+    from lightning_sft.losses.linear_cross_entropy import default_chunk
+
+    tokens = setup.batch * setup.seq
+    chunk = min(tokens, default_chunk(tokens, shape.vocab, shape.hidden))
+    held = tokens * shape.hidden * setup.activation_bytes + (4 * shape.vocab * shape.hidden if setup.method == "full" else 0)
+    labels = _batch_bytes(setup) + tokens * 8  # the batch's ids and the labels shifted for the loss
+    if setup.method == "full" and setup.activation_bytes != 4:  # a 16-bit head's chunk gradient before fp32
+        labels += shape.vocab * shape.hidden * setup.activation_bytes
+    mlp_grads = (3 if shape.gated_mlp else 2) * tokens * shape.intermediate * setup.activation_bytes
+    p = setup.activation_bytes
+    per_entry = 2 * 4 + (2 * p if p != 4 else 0)
+    return held, per_entry * chunk * shape.vocab + labels, held + labels + mlp_grads
 
 
 def _forward_temporaries(shape: ModelShape, setup: TrainingSetup) -> int:

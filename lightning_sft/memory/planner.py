@@ -49,6 +49,7 @@ class Recipe:
         parts = [{"full": "full FT", "lora": "LoRA", "qlora": "QLoRA (NF4)", "sft": "sparse FT"}[s.method]]
         parts += ["checkpointing"] if s.gradient_checkpointing else []
         parts += ["8-bit AdamW"] if s.optimizer == "adamw8bit" else []
+        parts += ["fused CE"] if s.fused_ce else []
         parts += [f"{'FSDP2 (ZeRO-3)' if s.zero_stage == 3 else f'ZeRO-{s.zero_stage}'} x{s.gpus}"] if s.zero_stage else []
         return " + ".join(parts)
 
@@ -68,6 +69,8 @@ class Recipe:
             flags.append("--gradient-checkpointing on")
         if s.optimizer == "adamw8bit":
             flags.append("--optimizer-8bit on")
+        if s.fused_ce:
+            flags.append("--fused-ce on")
         if s.attention != "eager":
             flags.append(f"--attention {s.attention}")
         flags.append("--trainer.accelerator gpu")
@@ -117,14 +120,17 @@ def candidate_setups(
     sharded_only: bool = False,
 ) -> list[TrainingSetup]:
     """Every combination the planner weighs and ``lightning-sft fit`` runs: method x checkpointing x
-    optimizer, in bf16 with fused attention (the memory-cheapest precision and kernel); with several
-    GPUs, DDP and ZeRO-3 (FSDP2) for every method, and ZeRO-2 (DeepSpeed) for full fine-tuning, where
-    gradients are as large as the weights (ZeRO-1 is ZeRO-2 with more memory and no gain in speed).
-    8-bit optimizer states go with DDP only (``EightBitOptimizer`` refuses sharded strategies)."""
+    optimizer x fused cross-entropy, in bf16 with fused attention (the memory-cheapest precision and
+    kernel); with several GPUs, DDP and ZeRO-3 (FSDP2) for every method, and ZeRO-2 (DeepSpeed) for full
+    fine-tuning, where gradients are as large as the weights (ZeRO-1 is ZeRO-2 with more memory and no gain
+    in speed). 8-bit optimizer states and the fused loss go with DDP only (``EightBitOptimizer`` and
+    ``FusedCrossEntropy`` refuse sharded strategies)."""
     setups = []
-    for method, checkpointing, optimizer in itertools.product(methods, (False, True), ("adamw", "adamw8bit")):
+    for method, checkpointing, optimizer, fused in itertools.product(
+        methods, (False, True), ("adamw", "adamw8bit"), (False, True)
+    ):
         stages: tuple[int, ...] = (0,)
-        if gpus > 1 and optimizer == "adamw":
+        if gpus > 1 and optimizer == "adamw" and not fused:
             stages = (0, 2, 3) if method == "full" else (0, 3)
         if sharded_only:
             stages = tuple(stage for stage in stages if stage)
@@ -132,7 +138,7 @@ def candidate_setups(
             TrainingSetup(
                 method=method, batch=batch, seq=seq, precision="bf16-true", lora_r=lora_r,
                 gradient_checkpointing=checkpointing, attention="sdpa", optimizer=optimizer,
-                zero_stage=stage, gpus=gpus,
+                zero_stage=stage, gpus=gpus, fused_ce=fused,
             )
             for stage in stages
         )
