@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lightning_sft.losses.linear_cross_entropy import default_chunk
 from lightning_sft.memory.shapes import ModelShape, model_shape
 from lightning_sft.validation import check_int
 
@@ -375,8 +376,6 @@ def _fused_loss(shape: ModelShape, setup: TrainingSetup) -> tuple[int, int, int]
     in that dtype (the logits as computed, and the gradient cast back for its products; measured). Backward scales the held gradients once;
     with no logits gradient left, its largest working set is the last block's MLP gradients (of the down
     projection's input and, gated, of the gate and up outputs). No ``tokens x vocab`` tensor exists."""
-    from lightning_sft.losses.linear_cross_entropy import default_chunk
-
     tokens = setup.batch * setup.seq
     chunk = min(tokens, default_chunk(tokens, shape.vocab, shape.hidden))
     held = tokens * shape.hidden * setup.activation_bytes + (4 * shape.vocab * shape.hidden if setup.method == "full" else 0)
@@ -384,8 +383,7 @@ def _fused_loss(shape: ModelShape, setup: TrainingSetup) -> tuple[int, int, int]
     if setup.method == "full" and setup.activation_bytes != 4:  # a 16-bit head's chunk gradient before fp32
         labels += shape.vocab * shape.hidden * setup.activation_bytes
     mlp_grads = (3 if shape.gated_mlp else 2) * tokens * shape.intermediate * setup.activation_bytes
-    p = setup.activation_bytes
-    per_entry = 2 * 4 + (2 * p if p != 4 else 0)
+    per_entry = 8 + (2 * setup.activation_bytes if setup.activation_bytes != 4 else 0)
     return held, per_entry * chunk * shape.vocab + labels, held + labels + mlp_grads
 
 
