@@ -113,6 +113,6 @@ class FusedLoss:
                                     reduction="mean" if items is None else "sum", chunk_size=self.chunk_size)
         if items is not None:
             loss = loss / items
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
-                                      hidden_states=getattr(out, "hidden_states", None),
+        # No cache in the output: a training step has no use for it (and reading it warns on new transformers).
+        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(out, "hidden_states", None),
                                       attentions=getattr(out, "attentions", None))
