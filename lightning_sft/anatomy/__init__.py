@@ -3,7 +3,7 @@ shapes (``linear``), the base layer under a projection's wrappers (``projections
 residual blocks (``stacks``), the channel groups of its MLP and attention blocks (``channels``
 finds them from the family entries in ``layouts`` and returns the dataclasses of ``description``:
 which rows of which projections produce a channel, which columns consume it), and replacing a
-submodule by name (``modules``).
+submodule by name or putting back a wrapped forward (``modules``).
 
 Pure torch (no Lightning). Every method imports its structural facts from here. The names below are
 loaded on first use, so ``lightning_sft.anatomy.linear`` can be imported by the adapters that

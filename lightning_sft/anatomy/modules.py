@@ -1,6 +1,11 @@
-"""Replacing a submodule of a user's model by its dotted name (how adapters and sparse deltas go in)."""
+"""Changing a user's model by reference: replacing a submodule by its dotted name (how adapters and sparse
+deltas go in), and putting back the instance ``forward`` a wrapper replaced (how sparse blocks, layer
+dropout, checkpointing and the fused loss come out)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -10,3 +15,16 @@ def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def instance_forward(module: nn.Module) -> Callable[..., Any] | None:
+    """The ``forward`` set on ``module`` itself, or None when it runs its class's: what to put back later."""
+    return module.__dict__.get("forward")
+
+
+def restore_forward(module: nn.Module, previous: Callable[..., Any] | None) -> None:
+    """Put back the ``instance_forward`` taken before a wrapper was set (None: the class's forward again)."""
+    if previous is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.__dict__["forward"] = previous

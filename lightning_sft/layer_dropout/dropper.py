@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sft.anatomy.modules import instance_forward, restore_forward
 from lightning_sft.anatomy.stacks import block_step_flops
 
 
@@ -34,7 +35,7 @@ class DroppableBlock:
     module: nn.Module
     index: int  # position among all controlled blocks
     original: Callable[..., Any]
-    own_forward: bool = False  # the forward wrapped was set on the instance (not the class's)
+    previous: Callable[..., Any] | None = None  # the instance forward wrapped (None: the class's)
     tuple_length: int | None = None  # None: forward returns a tensor
     seen: bool = False  # a dense call recorded the output format
 
@@ -90,17 +91,14 @@ class LayerDropper:
             return
         for block in self.blocks:
             block.original = block.module.forward
-            block.own_forward = "forward" in block.module.__dict__
+            block.previous = instance_forward(block.module)
             block.module.forward = self._forward_of(block)
         self.installed = True
 
     def remove(self) -> None:
         """Put back the forwards ``install`` found."""
         for block in self.blocks:
-            if block.own_forward:
-                block.module.forward = block.original
-            elif "forward" in block.module.__dict__:
-                del block.module.forward
+            restore_forward(block.module, block.previous)
         self.installed = False
 
     def formats(self) -> dict[str, int]:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_sft.anatomy.modules import instance_forward, restore_forward
 from lightning_sft.anatomy.stacks import find_stacks
 from lightning_sft.sparsity.sparsify import sparse_blocks
 from lightning_sft.sparsity.state import SparsityState
@@ -72,7 +73,7 @@ def enable_gradient_checkpointing(model: nn.Module, blocks: Sequence[str] | None
         if inner is not None:
             raise ValueError(f"{inner!r} lies inside {name!r}; checkpoint the outer stack only.")
     for name, block in targets.values():
-        block.forward = _checkpointed(block, block.forward, block.__dict__.get("forward"))
+        block.forward = _checkpointed(block, block.forward, instance_forward(block))
     return [name for name, _ in targets.values()]
 
 
@@ -83,18 +84,14 @@ def disable_gradient_checkpointing(model: nn.Module) -> list[str]:
         forward = _installed(module)
         if forward is None:
             continue
-        previous = forward.__dict__[_MARK]
-        if previous is None:
-            del module.forward
-        else:
-            module.forward = previous
+        restore_forward(module, forward.__dict__[_MARK])
         restored.append(name)
     return restored
 
 
 def _installed(module: nn.Module) -> Callable[..., Any] | None:
     """``module``'s instance forward if it is a checkpointed one installed here, else None."""
-    forward = module.__dict__.get("forward")
+    forward = instance_forward(module)
     return forward if _MARK in getattr(forward, "__dict__", {}) else None
 
 

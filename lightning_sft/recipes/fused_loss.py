@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.adapters.quantization import is_quantized
+from lightning_sft.anatomy.modules import instance_forward, restore_forward
 from lightning_sft.losses import linear_cross_entropy
 
 IGNORE_INDEX = -100  # what Hugging Face's causal-LM loss ignores
@@ -80,21 +81,17 @@ class FusedLoss:
 
     def __init__(self, models: list[nn.Module], chunk_size: int | None = None) -> None:
         self.models, self.chunk_size = models, chunk_size
-        self._own: list[bool] = []
+        self._previous: list[Any] = []  # each model's instance forward before ``install``
 
     def install(self) -> None:
-        self._own = []
+        self._previous = [instance_forward(model) for model in self.models]
         for model in self.models:
-            self._own.append("forward" in model.__dict__)
             model.forward = partial(self._forward, model, model.forward)
 
     def remove(self) -> None:
-        for model, own in zip(self.models, self._own):
-            if own:
-                model.forward = model.forward.args[1]
-            else:
-                model.__dict__.pop("forward", None)
-        self._own = []
+        for model, previous in zip(self.models, self._previous):
+            restore_forward(model, previous)
+        self._previous = []
 
     def _forward(self, model: nn.Module, original: Any, *args: Any, **kwargs: Any) -> Any:
         labels = kwargs.get("labels")

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_sft.anatomy.linear import linear_features
 from lightning_sft.anatomy import BlockAnatomy, Slice, projection_base
+from lightning_sft.anatomy.modules import instance_forward, restore_forward
 from lightning_sft.kernels.token_rows import TokenRows
 from lightning_sft.sparsity.estimators import ChannelEstimator
 from lightning_sft.sparsity.sparse_products import fusable, fused_sparse_rows, linear_eval, sparse_cols, sparse_rows
@@ -121,7 +122,7 @@ class SparseBlock:
         self._watch = self._root.register_forward_pre_hook(lambda module, args: self._follow_replacements())
 
     def _take_over(self, path: str, module: nn.Module) -> None:
-        self._saved[id(module)] = (module, module.__dict__.get("forward"))
+        self._saved[id(module)] = (module, instance_forward(module))
         original = module.forward
         if module is self.region:
             module.__dict__["forward"] = partial(self._region_forward, original)
@@ -132,10 +133,7 @@ class SparseBlock:
     def _hand_back(self, module: nn.Module) -> None:
         module, forward = self._saved.pop(id(module))
         module.__dict__.pop(OWNER, None)
-        if forward is None:
-            module.__dict__.pop("forward", None)
-        else:
-            module.__dict__["forward"] = forward
+        restore_forward(module, forward)
 
     def _follow_replacements(self) -> None:
         """Take over a projection replaced since ``install`` (e.g. wrapped by LoRA injected later)."""
