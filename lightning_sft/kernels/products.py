@@ -7,7 +7,7 @@ arguments and calls these.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -38,6 +38,21 @@ def rows_bias_grad(kept: Tensor, idx: Tensor, length: int) -> Tensor:
     return kept.new_zeros(length).index_copy_(0, idx, kept)
 
 
+def _product_bias(ctx: Any, kind: Kind, bias: Tensor | None, idx: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """The bias a product adds (``b[idx]`` for rows, all of ``b`` for cols) in ``dtype``; notes on ``ctx``
+    what ``_bias_grad`` needs."""
+    if bias is None:
+        return None
+    ctx.bias_dtype, ctx.bias_len = bias.dtype, bias.numel()
+    return (bias.index_select(0, idx) if kind == "rows" else bias).to(dtype)
+
+
+def _bias_grad(ctx: Any, kind: Kind, g: Tensor, idx: Tensor) -> Tensor:
+    """The bias gradient of a product's output gradient ``g``, full length (zero on dropped rows)."""
+    grad = g.sum(0).to(ctx.bias_dtype)
+    return rows_bias_grad(grad, idx, ctx.bias_len) if kind == "rows" else grad
+
+
 class SparseMatmul(torch.autograd.Function):
     """Forward and the input-gradient product on one backend. The weight is frozen, so it gets
     no gradient; backward reads it again (the torch backend reuses its forward copy of ``W[idx]``
@@ -47,9 +62,7 @@ class SparseMatmul(torch.autograd.Function):
     def forward(
         ctx, kind: Kind, a: Tensor, w: Tensor, idx: Tensor, bias: Tensor | None, ops: ModuleType
     ) -> Tensor:
-        if bias is not None:
-            ctx.bias_dtype, ctx.bias_len = bias.dtype, bias.numel()
-            bias = (bias.index_select(0, idx) if kind == "rows" else bias).to(a.dtype)
+        bias = _product_bias(ctx, kind, bias, idx, a.dtype)
         ctx.kind, ctx.ops = kind, ops
         keep = ctx.needs_input_grad[1] and _keep_slice(kind, a, w, idx)
         forward = ops.rows_forward if kind == "rows" else ops.cols_forward
@@ -65,9 +78,7 @@ class SparseMatmul(torch.autograd.Function):
             input_grad = ctx.ops.rows_input_grad if ctx.kind == "rows" else ctx.ops.cols_input_grad
             grad_a = input_grad(g, w, idx, kept)
         if ctx.needs_input_grad[4]:
-            grad_bias = g.sum(0).to(ctx.bias_dtype)
-            if ctx.kind == "rows":
-                grad_bias = rows_bias_grad(grad_bias, idx, ctx.bias_len)
+            grad_bias = _bias_grad(ctx, ctx.kind, g, idx)
         return None, grad_a, None, None, grad_bias, None
 
 
@@ -87,12 +98,10 @@ class Packed4bitMatmul(torch.autograd.Function):
     def forward(ctx, kind: Kind, a: Tensor, packed: Packed4bit, idx: Tensor, bias: Tensor | None) -> Tensor:
         dtype = packed.compute_dtype or a.dtype
         w = _decode_slice(kind, packed, idx, dtype)
-        b = None if bias is None else (bias.index_select(0, idx) if kind == "rows" else bias).to(dtype)
+        b = _product_bias(ctx, kind, bias, idx, dtype)
         out = torch.nn.functional.linear(a.to(dtype), w, b).to(a.dtype)
         keep = ctx.needs_input_grad[1] and keep_slice(a.shape[0], w.shape[1], w.shape[0])
         ctx.kind, ctx.packed, ctx.dtype, ctx.a_dtype = kind, packed, dtype, a.dtype
-        if bias is not None:
-            ctx.bias_dtype, ctx.bias_len = bias.dtype, bias.numel()
         ctx.save_for_backward(idx, w if keep else None)
         return out
 
@@ -105,7 +114,5 @@ class Packed4bitMatmul(torch.autograd.Function):
                 w = _decode_slice(ctx.kind, ctx.packed, idx, ctx.dtype)
             grad_a = (g.to(ctx.dtype) @ w).to(ctx.a_dtype)
         if ctx.needs_input_grad[4]:
-            grad_bias = g.sum(0).to(ctx.bias_dtype)
-            if ctx.kind == "rows":
-                grad_bias = rows_bias_grad(grad_bias, idx, ctx.bias_len)
+            grad_bias = _bias_grad(ctx, ctx.kind, g, idx)
         return None, grad_a, None, None, grad_bias

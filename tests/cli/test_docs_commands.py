@@ -49,6 +49,9 @@ def _quoted() -> list[tuple[str, list[str]]]:
             for block in _code_blocks(page.read_text()) for argv in _commands(block)]
 
 
+QUOTED = _quoted()
+
+
 class _Parsed(Exception):
     pass
 
@@ -59,12 +62,11 @@ class _ParseOnly(SFTCLI):
 
 
 def test_the_docs_quote_commands_of_every_kind() -> None:
-    quoted = _quoted()
-    subcommands = {argv[0] for _, argv in quoted if argv}
+    subcommands = {argv[0] for _, argv in QUOTED if argv}
     assert {"fit", "plan", "bench", "diff", "federated", "report"} <= subcommands, subcommands
 
 
-@pytest.mark.parametrize(("where", "argv"), _quoted(), ids=[where for where, _ in _quoted()])
+@pytest.mark.parametrize(("where", "argv"), QUOTED, ids=[where for where, _ in QUOTED])
 def test_a_quoted_command_parses(where: str, argv: list[str], tmp_path: Path) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         return  # the program's own help
