@@ -167,10 +167,10 @@ _KERNEL_CHECKS: dict[tuple[int, str, torch.dtype], bool] = {}
 def _cpu_kernel_agrees(bnb: ModuleType, in_features: int, quant_type: str, dtype: torch.dtype) -> bool:
     """Whether bitsandbytes' CPU 4-bit decoder reads rows of ``in_features`` entries as ``nf4.decode`` does.
 
-    bitsandbytes 0.50's CPU kernel (even ``in_features``) misplaces the scales of rows that start inside a
+    bitsandbytes 0.50.0-0.50.1's CPU kernel (even ``in_features``) misplaces the scales of rows that start inside a
     block: found for multiples of 16 but not of the block size (e.g. 32, 96, 176 with blocks of 64), where its
-    forward computes with wrong weights. A three-row probe per width checks the installed version (odd widths
-    take its generic decoder, which is right)."""
+    forward computes with wrong weights (0.50.2 reads them right). A three-row probe per width checks the installed
+    version (odd widths take its generic decoder, which is right)."""
     key = (in_features, quant_type, dtype)
     if key not in _KERNEL_CHECKS:
         probe = torch.randn(3, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
