@@ -38,6 +38,7 @@ from torch import Tensor
 from lightning_sft.bench.common import run_and_report
 from lightning_sft.bench.timing import interleaved, summarize
 from lightning_sft.kernels import reference, sparse_matmul
+from lightning_sft.kernels.dispatch import interpreter_requested
 from lightning_sft.sparsity import kept_channels
 from lightning_sft.validation import int_at_least
 
@@ -89,13 +90,9 @@ class KernelBenchSettings:
     seed: int
 
 
-def _interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _on_gpu() -> bool:
     """CUDA, unless the interpreter was asked for (it runs the kernels on CPU tensors)."""
-    return torch.cuda.is_available() and not _interpreter_requested()
+    return torch.cuda.is_available() and not interpreter_requested()
 
 
 def _sparsities(text: str) -> tuple[float, ...]:
@@ -150,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         **{name: shapes[name] if getattr(args, name) is None else getattr(args, name) for name in shapes},
         sparsities=args.sparsities, projections=args.projections, warmup=args.warmup, reps=args.reps, seed=args.seed,
     )
-    if not torch.cuda.is_available() and not _interpreter_requested():
+    if not torch.cuda.is_available() and not interpreter_requested():
         return _rerun_under_interpreter(settings, args.threads, args.json)
     result: dict[str, Any] = {}
 

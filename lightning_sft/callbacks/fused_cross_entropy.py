@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_sft.callbacks.base import SFTCallback
+from lightning_sft.losses.liger import BACKENDS, Backend
 from lightning_sft.recipes.fused_loss import FusedLoss, causal_lms, refusal
 from lightning_sft.strategies import UNSHARDED
 from lightning_sft.validation import check_int
@@ -30,7 +31,12 @@ class FusedCrossEntropy(SFTCallback):
         trainer = pl.Trainer(callbacks=[LoRA(r=16), FusedCrossEntropy()])
 
     Args:
-        chunk_size: tokens per chunk; None: as many as make a chunk's logits about the hidden states' size.
+        chunk_size: tokens per chunk of the torch loss; None: as many as make a chunk's logits about the hidden
+            states' size (Liger's kernel sizes its chunks about so; a chunk_size set keeps the loss on torch).
+        backend: "auto": Liger-Kernel's fused kernel on CUDA when it is installed (``pip install
+            'lightning-sft[liger]'``) and the head is a plain linear one, the torch chunked loss otherwise (a
+            LoRA head always: Liger's kernel takes one weight); "torch"; or "liger", refused in ``setup`` where
+            it cannot run (CPU, not installed, a LoRA head), and here with a chunk_size.
     """
 
     strategies = UNSHARDED
@@ -39,11 +45,17 @@ class FusedCrossEntropy(SFTCallback):
         " fused loss does not call. Use it on one device or under DDP."
     )
 
-    def __init__(self, chunk_size: int | None = None) -> None:
+    def __init__(self, chunk_size: int | None = None, backend: Backend = "auto") -> None:
         super().__init__()
         if chunk_size is not None:
             check_int(chunk_size, "chunk_size", 1, "Use None for the default chunk.")
-        self.chunk_size = chunk_size
+        if backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {BACKENDS}; got {backend!r}. Use 'auto' for Liger-Kernel's"
+                             " fused kernel on CUDA when it is installed and the torch loss elsewhere.")
+        if backend == "liger" and chunk_size is not None:
+            raise ValueError(f"`chunk_size`={chunk_size} sets the torch loss's chunks, and Liger's kernel sizes its"
+                             " own. Leave chunk_size None with backend='liger', or pass backend='torch'.")
+        self.chunk_size, self.backend = chunk_size, backend
         self._fused: FusedLoss | None = None
 
     def run_label(self) -> str:
@@ -63,7 +75,9 @@ class FusedCrossEntropy(SFTCallback):
         reasons = [why for why in map(refusal, models) if why is not None]
         if reasons:
             raise ValueError(f"FusedCrossEntropy cannot stand in for this loss: {reasons[0]}. Leave it off for this model.")
-        self._fused = FusedLoss(models, self.chunk_size)
+        fused = FusedLoss(models, self.chunk_size, self.backend)
+        fused.check(trainer.strategy.root_device)  # the module moves to this device after setup
+        self._fused = fused
         self._fused.install()
         rank_zero_info(f"FusedCrossEntropy: {len(models)} causal LM(s) compute their training loss without logits.")
 

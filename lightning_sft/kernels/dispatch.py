@@ -24,10 +24,11 @@ from lightning_sft.kernels.products import Kind, Packed4bitMatmul, SparseMatmul,
 Backend = Literal["auto", "torch", "triton"]
 _KINDS = ("rows", "cols")
 _BACKENDS = ("auto", "torch", "triton")
-_TORCH_INSTEAD = "or pass backend='torch' (or 'auto')"
+TORCH_INSTEAD = "or pass backend='torch' (or 'auto')"  # how every refused Triton backend ends its message
 
 
-def _interpreter_requested() -> bool:
+def interpreter_requested() -> bool:
+    """Whether the environment asks Triton for its CPU interpreter (it must, before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -44,7 +45,7 @@ def _triton_ops() -> ModuleType | None:
 def available_backends() -> tuple[str, ...]:
     """Backends usable in this process. Checks triton without importing it."""
     triton_usable = importlib.util.find_spec("triton") is not None and (
-        torch.cuda.is_available() or _interpreter_requested()
+        torch.cuda.is_available() or interpreter_requested()
     )
     return ("torch", "triton") if triton_usable else ("torch",)
 
@@ -60,24 +61,24 @@ def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype) 
         ops = _triton_ops()
         return "triton" if ops is not None and dtype in ops.SUPPORTED_DTYPES else "torch"
     on_cuda = device.type == "cuda"
-    if not on_cuda and not _interpreter_requested():
+    if not on_cuda and not interpreter_requested():
         raise RuntimeError(
             f"backend='triton' got {device.type} tensors: the Triton kernels run on CUDA, or on CPU "
             "only under the Triton interpreter. Set TRITON_INTERPRET=1 in the environment before "
-            f"Python starts (before triton is imported), {_TORCH_INSTEAD}."
+            f"Python starts (before triton is imported), {TORCH_INSTEAD}."
         )
     ops = _triton_ops()
     if ops is None:
-        raise RuntimeError(f"backend='triton' needs the triton package: pip install triton, {_TORCH_INSTEAD}.")
+        raise RuntimeError(f"backend='triton' needs the triton package: pip install triton, {TORCH_INSTEAD}.")
     if not on_cuda and not ops.INTERPRETED:
         raise RuntimeError(
             "TRITON_INTERPRET=1 was set after the Triton kernels were built, so they cannot run on "
-            f"CPU in this process: set it before Python starts, {_TORCH_INSTEAD}."
+            f"CPU in this process: set it before Python starts, {TORCH_INSTEAD}."
         )
     if dtype not in ops.SUPPORTED_DTYPES:
         names = sorted(str(d).removeprefix("torch.") for d in ops.SUPPORTED_DTYPES)
         why = " (tl.dot on bf16 is wrong under the Triton interpreter)" if ops.INTERPRETED else ""
-        raise ValueError(f"backend='triton' computes in {names}, got {dtype}{why}; {_TORCH_INSTEAD}.")
+        raise ValueError(f"backend='triton' computes in {names}, got {dtype}{why}; {TORCH_INSTEAD}.")
     return "triton"
 
 

@@ -6,7 +6,9 @@ fine-tuning step (docs/memory.md). Here each chunk of tokens computes its logits
 gradients are needed, the gradient of the hidden states, head weights and bias in the forward pass (the
 logits are never kept); backward scales those by the incoming gradient. The head may be a sum of linear
 terms, ``logits = sum_k hidden_k @ W_k.T + b``, so a LoRA head (base weight plus ``B`` on ``s * A x``) is
-exact without building its merged weight. Pure torch.
+exact without building its merged weight. On CUDA, a one-term head runs Liger-Kernel's fused Triton kernel
+instead when it is installed (``losses.liger``, ``backend=``); elsewhere, and for LoRA heads, this pure torch
+path runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from lightning_sft.losses.liger import BACKENDS, Backend, liger_cross_entropy, resolve_backend, unsupported
 
 REDUCTIONS = ("mean", "sum")
 
@@ -42,6 +46,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    backend: Backend = "auto",
 ) -> Tensor:
     """``F.cross_entropy(hidden @ weight.T + bias, labels)`` over ``(..., vocab)`` logits it never holds.
 
@@ -52,7 +57,13 @@ def linear_cross_entropy(
         bias: optional ``(V,)``.
         ignore_index, label_smoothing, reduction: as ``F.cross_entropy`` (``mean`` over the labels not
             ignored, or ``sum``).
-        chunk_size: tokens per chunk; None: ``default_chunk``.
+        chunk_size: tokens per chunk of the torch path; None: ``default_chunk`` (Liger sizes its own chunks by
+            about the same rule; a chunk_size set keeps the call on torch).
+        backend: "auto": Liger-Kernel's fused kernel for CUDA tensors of a one-term head when liger-kernel is
+            installed (``pip install 'lightning-sft[liger]'``) and the call is one it computes as this path does
+            (``liger.unsupported``), this torch path otherwise; a LoRA head (two terms) always stays here, since
+            Liger's kernel takes one weight. "torch", or "liger" (raises with the fix where it cannot run; on
+            CPU only under ``TRITON_INTERPRET=1``).
 
     Returns:
         The scalar loss (fp32). Logits are computed in the weights' dtype and reduced in fp32, as a Hugging
@@ -60,16 +71,24 @@ def linear_cross_entropy(
     """
     hiddens = [hidden] if isinstance(hidden, Tensor) else list(hidden)
     weights = [weight] if isinstance(weight, Tensor) else list(weight)
-    _check(hiddens, weights, labels, bias, label_smoothing, reduction, chunk_size)
+    _check(hiddens, weights, labels, bias, label_smoothing, reduction, chunk_size, backend)
     flat = [h.reshape(-1, h.shape[-1]) for h in hiddens]
     targets = labels.reshape(-1)
-    chunk = chunk_size or default_chunk(targets.numel(), weights[0].shape[0], sum(h.shape[-1] for h in flat))
+    vocab = weights[0].shape[0]
+    if bool(((targets < 0) | (targets >= vocab))[targets != ignore_index].any()):
+        raise ValueError(f"linear_cross_entropy: labels must lie in [0, {vocab}) or be ignore_index={ignore_index}.")
+    head_grads_only = torch.is_grad_enabled() and not flat[0].requires_grad and (
+        weights[0].requires_grad or (bias is not None and bias.requires_grad))
+    why_not = unsupported(weights[0].dtype, chunk_size, head_grads_only)
+    if resolve_backend(backend, flat[0].device, len(flat), why_not) == "liger":
+        return liger_cross_entropy(flat[0], weights[0], targets, bias, ignore_index, float(label_smoothing), reduction)
+    chunk = chunk_size or default_chunk(targets.numel(), vocab, sum(h.shape[-1] for h in flat))
     return _LinearCrossEntropy.apply(targets, ignore_index, float(label_smoothing), reduction, chunk, len(flat), bias,
                                      *flat, *weights)
 
 
 def _check(hiddens: list[Tensor], weights: list[Tensor], labels: Tensor, bias: Tensor | None, smoothing: float,
-           reduction: str, chunk_size: int | None) -> None:
+           reduction: str, chunk_size: int | None, backend: str) -> None:
     if not hiddens or len(hiddens) != len(weights):
         raise ValueError(f"linear_cross_entropy: {len(hiddens)} hidden terms for {len(weights)} weights; pass one"
                          " weight per hidden term.")
@@ -91,6 +110,9 @@ def _check(hiddens: list[Tensor], weights: list[Tensor], labels: Tensor, bias: T
         raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"linear_cross_entropy: chunk_size must be a positive int or None, got {chunk_size!r}.")
+    if backend not in BACKENDS:
+        raise ValueError(f"linear_cross_entropy: backend must be one of {BACKENDS}, got {backend!r}; 'auto' takes"
+                         " Liger-Kernel's kernel where it can run and the torch path elsewhere.")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -101,9 +123,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 bias: Tensor | None, *operands: Tensor) -> Tensor:
         hiddens, weights = operands[:terms], operands[terms:]
         vocab, tokens = weights[0].shape[0], labels.numel()
-        kept = labels != ignore_index
-        if bool(((labels < 0) | (labels >= vocab))[kept].any()):
-            raise ValueError(f"linear_cross_entropy: labels must lie in [0, {vocab}) or be ignore_index={ignore_index}.")
+        kept = labels != ignore_index  # values checked by linear_cross_entropy
         count = kept.sum()
         scale = count.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=labels.device)
         need_h = [ctx.needs_input_grad[7 + k] for k in range(terms)]

@@ -7,7 +7,8 @@ training, ``FusedLoss`` has it run its body (``model.<base_model_prefix>``) and 
 The head may be an ``nn.Linear`` (bias included, tied to the input embeddings or not) or a LoRA wrapper of
 one (its branch is a second linear term, so LoRA on the head trains exactly). Models that change logits
 after the head (soft-capping, logit scales) or add to the loss (MoE router losses) are refused with the
-reason. Pure torch (no Lightning).
+reason. ``backend`` picks the loss's kernel (``losses.liger``): Liger-Kernel's on CUDA for a plain head when it
+is installed, the torch chunked loss otherwise. Pure torch (no Lightning).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lightning_sft.adapters.lora_layer import LoRALinear
 from lightning_sft.adapters.quantization import is_quantized
 from lightning_sft.anatomy.modules import instance_forward, restore_forward
 from lightning_sft.losses import linear_cross_entropy
+from lightning_sft.losses.liger import Backend, resolve_backend, unsupported
 
 IGNORE_INDEX = -100  # what Hugging Face's causal-LM loss ignores
 # Config entries whose model changes the logits after the head, or adds to the loss, when set.
@@ -65,12 +67,15 @@ def refusal(model: nn.Module) -> str | None:
     return None
 
 
+def head_term_count(head: nn.Module) -> int:
+    """How many linear terms ``head_terms`` gives ``head``: two for a LoRA head not merged, else one."""
+    return 2 if isinstance(head, LoRALinear) and not head.merged else 1
+
+
 def head_terms(head: nn.Module, hidden: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
     """``logits = sum_k hidden_k @ weight_k.T + bias`` of ``head`` (``nn.Linear`` or a LoRA wrapper of one)."""
-    if not isinstance(head, LoRALinear):
-        return [hidden], [head.weight], head.bias
-    base = head.base_layer
-    if head.merged:
+    base = head.base_layer if isinstance(head, LoRALinear) else head
+    if head_term_count(head) == 1:
         return [hidden], [base.weight], base.bias
     branch = F.linear(head.dropout(hidden).to(head.lora_A.dtype), head.lora_A) * head.scaling
     return [hidden, branch], [base.weight, head.lora_B], base.bias
@@ -79,9 +84,18 @@ def head_terms(head: nn.Module, hidden: Tensor) -> tuple[list[Tensor], list[Tens
 class FusedLoss:
     """The fused training loss installed over each causal LM's ``forward`` (``install``/``remove``)."""
 
-    def __init__(self, models: list[nn.Module], chunk_size: int | None = None) -> None:
-        self.models, self.chunk_size = models, chunk_size
+    def __init__(self, models: list[nn.Module], chunk_size: int | None = None, backend: Backend = "auto") -> None:
+        self.models, self.chunk_size, self.backend = models, chunk_size, backend
         self._previous: list[Any] = []  # each model's instance forward before ``install``
+
+    def check(self, device: torch.device) -> None:
+        """Raise now what the loss's backend rule would raise at the first step on ``device`` for the heads as
+        they are (what depends on the step's tensors, such as a frozen body, is checked by the call)."""
+        for model in self.models:
+            head = model.get_output_embeddings()
+            base = head.base_layer if isinstance(head, LoRALinear) else head
+            resolve_backend(self.backend, device, head_term_count(head),
+                            unsupported(base.weight.dtype, self.chunk_size, head_grads_only=False))
 
     def install(self) -> None:
         self._previous = [instance_forward(model) for model in self.models]
@@ -107,7 +121,8 @@ class FusedLoss:
         targets = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX).to(hidden.device)
         hiddens, weights, bias = head_terms(model.get_output_embeddings(), hidden)
         loss = linear_cross_entropy(hiddens, weights, targets, bias, ignore_index=IGNORE_INDEX,
-                                    reduction="mean" if items is None else "sum", chunk_size=self.chunk_size)
+                                    reduction="mean" if items is None else "sum", chunk_size=self.chunk_size,
+                                    backend=self.backend)
         if items is not None:
             loss = loss / items
         # No cache in the output: a training step has no use for it (and reading it warns on new transformers).

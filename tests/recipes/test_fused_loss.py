@@ -10,10 +10,14 @@ import family_models
 import lightning.pytorch as pl
 import pytest
 import torch
-from tiny_fits import tiny_fit
+from tiny_fits import tiny_fit, tiny_trainer
 
 from lightning_sft import FusedCrossEntropy, LoRA, LoRAConfig, inject_lora
-from lightning_sft.recipes.fused_loss import FusedLoss, causal_lms, refusal
+from lightning_sft.modules import CausalLM
+from lightning_sft.recipes.fused_loss import FusedLoss, causal_lms, head_term_count, head_terms, refusal
+
+# One thread: the fits compared here sum in another order with more, beyond the tolerance after Adam.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FP32 = dict(rtol=1e-5, atol=1e-6)  # chunked fp32 sums against HF's one logits matmul: measured <= 2e-7
 
@@ -111,3 +115,44 @@ def test_refusals_name_the_reason() -> None:
         FusedCrossEntropy().setup(trainer, OwnLoss(), "fit")
     with pytest.raises(ValueError, match="chunk_size"):
         FusedCrossEntropy(chunk_size=0)
+
+
+def test_the_head_term_count_is_what_head_terms_gives() -> None:
+    model = family_models.build("LLaMA")
+    inject_lora(model, LoRAConfig(r=4, target_modules=["lm_head"]), torch.Generator().manual_seed(0))
+    heads = [model.get_output_embeddings(), model.get_output_embeddings().base_layer]
+    hidden = torch.randn(3, model.config.hidden_size)
+    assert [head_term_count(head) for head in heads] == [2, 1]
+    for head in heads:
+        assert len(head_terms(head, hidden)[0]) == head_term_count(head)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"backend": "cuda"}, "`backend` must be one of"),
+     ({"chunk_size": 8, "backend": "liger"}, "Leave chunk_size None")],
+    ids=["unknown", "liger-with-chunk"],
+)
+def test_a_bad_backend_is_refused_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        FusedCrossEntropy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("lora_targets", "error", "match"),
+    [(None, RuntimeError, r"got cpu tensors.*TRITON_INTERPRET=1"),
+     (["q_proj", "lm_head"], ValueError, r"one term.*LoRA head")],
+    ids=["cpu", "lora-head"],
+)
+def test_an_explicit_liger_backend_that_cannot_run_fails_in_setup_before_installing(
+    tmp_path: Path, monkeypatch, lora_targets: list[str] | None, error: type, match: str
+) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    module, fused = CausalLM(model="tiny-llama", lr=1e-2), FusedCrossEntropy(backend="liger")
+    callbacks = ([LoRA(r=4, target_modules=lora_targets)] if lora_targets else []) + [fused]
+    trainer = tiny_trainer(tmp_path, 1, callbacks)
+    for callback in callbacks[:-1]:
+        callback.setup(trainer, module, "fit")
+    with pytest.raises(error, match=match):
+        fused.setup(trainer, module, "fit")
+    assert fused._fused is None and "forward" not in vars(module.model)
