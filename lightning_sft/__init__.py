@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     **dict.fromkeys(
-        ("AdaptiveRankSearch", "AttentionImplementation", "ContextualSparsity", "EfficiencyMonitor",
+        ("ActivationOffloading", "AdaptiveRankSearch", "AttentionImplementation", "ContextualSparsity", "EfficiencyMonitor",
          "EightBitOptimizer", "FusedCrossEntropy", "GradientCheckpointing", "LayerDropout", "LoRA", "SparseFineTuning"),
         "lightning_sft.callbacks",
     ),
@@ -24,7 +24,7 @@ _EXPORTS = {
     ),
     **dict.fromkeys(
         ("disable_gradient_checkpointing", "eight_bit_optimizer", "enable_gradient_checkpointing",
-         "set_attention_implementation"),
+         "offload_activations", "set_attention_implementation"),
         "lightning_sft.recipes",
     ),
     "linear_cross_entropy": "lightning_sft.losses",

@@ -4,6 +4,7 @@ dropout, checkpointing and the fused loss come out)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,3 +29,12 @@ def restore_forward(module: nn.Module, previous: Callable[..., Any] | None) -> N
         module.__dict__.pop("forward", None)
     else:
         module.__dict__["forward"] = previous
+
+
+_STAMPS = itertools.count(1)
+
+
+def install_stamp() -> int:
+    """A number larger than every one before it: forward wrappers stamp their installs with it, so the ones
+    installed later (further out) can come off first."""
+    return next(_STAMPS)

@@ -112,7 +112,8 @@ def one_process(steps: int, batch: int) -> list[float]:
 
 
 def measure(steps: int, batch: int) -> dict[str, Any]:
-    from lightning_sft.memory.estimate import TrainingSetup, estimate
+    from lightning_sft.memory.estimate import estimate
+    from lightning_sft.memory.setup import TrainingSetup
 
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}

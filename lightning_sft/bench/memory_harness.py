@@ -11,6 +11,8 @@ step; the storages alive at its peak are then sorted into the estimator's compon
 - temporaries: everything else alive at the peak.
 
 ``saved_bytes`` (through ``saved_tensors_hooks``) cross-checks the activations without checkpointing.
+With activation offloading the CPU has no second memory to move to: the offloader copies within CPU memory
+(``CopyTransfer``) and the tracker counts those copies as host memory (``host_peak``), apart from the rest.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_sft.memory.estimate import COMPONENTS, TrainingSetup
+from lightning_sft.memory.estimate import COMPONENTS
+from lightning_sft.memory.setup import TrainingSetup
 from lightning_sft.memory.shapes import hf_config, model_shape
 from lightning_sft.memory.tracker import LiveTensors, SavedForBackward, storage_key
+from lightning_sft.recipes.offload import CopyTransfer
 
 _MEASURED_STEP = 1  # the second step: optimizer state exists, as in every step after the first
 
@@ -42,6 +46,7 @@ class Measurement:
     activations_total: int
     logits_total: int
     saved_bytes: int
+    host_peak: int
 
 
 class _RandomTokens(Dataset):
@@ -173,10 +178,24 @@ class _StepProbe(Callback):
             activations_total=sum(s.nbytes for s in retained if s.last_dim != self.vocab),
             logits_total=sum(s.nbytes for s in retained if s.last_dim == self.vocab),
             saved_bytes=saved.total(),
+            host_peak=tracker.host_peak,
         )
 
 
-def _callbacks(setup: TrainingSetup) -> list[Callback]:
+class _HostCopies(CopyTransfer):
+    """Offloading's copies, counted by the measured step's tracker as host memory."""
+
+    def __init__(self, probe: _StepProbe) -> None:
+        self.probe = probe
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        host = super().to_host(tensor)
+        if self.probe.tracker is not None:
+            self.probe.tracker.to_host(host)
+        return host
+
+
+def _callbacks(setup: TrainingSetup, probe: _StepProbe) -> list[Callback]:
     """This package's callbacks that give ``setup`` its method and recipes, as a user would add them."""
     from lightning_sft.callbacks import LoRA, SparseFineTuning
 
@@ -202,6 +221,10 @@ def _callbacks(setup: TrainingSetup) -> list[Callback]:
         from lightning_sft.callbacks import LayerDropout
 
         callbacks.append(LayerDropout(rate=setup.layer_dropout))
+    if setup.offload_activations:
+        from lightning_sft.callbacks import ActivationOffloading
+
+        callbacks.append(ActivationOffloading(min_bytes=setup.offload_min_bytes, transfer=_HostCopies(probe)))
     return callbacks
 
 
@@ -220,7 +243,7 @@ def measure(config: Any, setup: TrainingSetup, seed: int = 0) -> Measurement:
         devices=1,
         precision=setup.precision,
         max_steps=_MEASURED_STEP + 1,
-        callbacks=[*_callbacks(setup), probe],
+        callbacks=[*_callbacks(setup, probe), probe],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -1,5 +1,6 @@
 """Lightning callbacks: thin wiring of the pure logic into the Trainer."""
 
+from lightning_sft.callbacks.activation_offloading import ActivationOffloading
 from lightning_sft.callbacks.attention import AttentionImplementation
 from lightning_sft.callbacks.contextual_sparsity import ContextualSparsity
 from lightning_sft.callbacks.efficiency import EfficiencyMonitor
@@ -12,6 +13,7 @@ from lightning_sft.callbacks.rank_search import AdaptiveRankSearch
 from lightning_sft.callbacks.sparse_finetuning import SparseFineTuning
 
 __all__ = [
+    "ActivationOffloading",
     "AdaptiveRankSearch",
     "AttentionImplementation",
     "ContextualSparsity",

@@ -33,8 +33,11 @@ _POINT = "_lightning_sft_restore_point"
 
 
 class ForwardWrapper(Protocol):
-    """Something installed over block forwards (layer dropout's dropper): ``remove`` restores the forwards
-    it found, ``install`` wraps the forwards the blocks have now."""
+    """Something installed over block forwards (layer dropout's dropper, activation offloading): ``remove``
+    restores the forwards it found, ``install`` wraps the forwards the blocks have now and stamps
+    ``installed_at`` (``anatomy.modules.install_stamp``), which orders the wrappers from inner to outer."""
+
+    installed_at: int
 
     def install(self) -> None: ...
 
@@ -98,17 +101,20 @@ class SFTCallback(Callback):
 
 
 @contextmanager
-def beneath_forward_wrappers(trainer: pl.Trainer) -> Iterator[None]:
-    """Change block forwards beneath what our callbacks installed over them: the wrappers come off and go
-    back on over the new forwards, whatever the callback order."""
+def beneath_forward_wrappers(trainer: pl.Trainer, leaving: ForwardWrapper | None = None) -> Iterator[None]:
+    """Change block forwards beneath what our callbacks installed over them: the wrappers come off, outermost
+    first, and go back on over the new forwards in the order they had, whatever the callback order.
+    ``leaving`` comes off and stays off (a callback's teardown)."""
     wrappers = [w for cb in trainer.callbacks if isinstance(cb, SFTCallback) for w in cb.forward_wrappers()]
-    for wrapper in wrappers:
+    wrappers.sort(key=lambda wrapper: wrapper.installed_at)
+    for wrapper in reversed(wrappers):
         wrapper.remove()
     try:
         yield
     finally:
         for wrapper in wrappers:
-            wrapper.install()
+            if wrapper is not leaving:
+                wrapper.install()
 
 
 def run_name(callbacks: list[Callback]) -> str:

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_sft.callbacks.base import ForwardWrapper, SFTCallback
+from lightning_sft.callbacks.base import ForwardWrapper, SFTCallback, beneath_forward_wrappers
 from lightning_sft.callbacks.side_loop import (
     batch_count,
     fit_dataloader,
@@ -189,8 +189,8 @@ class LayerDropout(SFTCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.dropper is not None:
             self.run_fractions = self.dropper.run_fractions()
-            self.dropper.remove()
-            self.dropper = None
+            with beneath_forward_wrappers(trainer, leaving=self.dropper):
+                self.dropper = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.dropper is not None

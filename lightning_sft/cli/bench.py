@@ -18,6 +18,7 @@ from lightning_sft.bench import (
     layer_dropout,
     lora,
     memory,
+    offload,
     quality,
     rank,
     recall,
@@ -28,6 +29,7 @@ from lightning_sft.usage import UsageParser
 
 BENCHMARKS: tuple[ModuleType, ...] = (
     lora, sparsity, recall, quality, rank, layer_dropout, sparse_ft, memory, distributed, federated, kernels, demo, fused_ce,
+    offload,
 )
 
 

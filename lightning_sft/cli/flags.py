@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 # Importing the callbacks registers them as Callback subclasses, so jsonargparse resolves the short
 # names in `--trainer.callbacks+=LoRA` as well as full class paths.
 from lightning_sft.callbacks import (
+    ActivationOffloading,
     AdaptiveRankSearch,
     AttentionImplementation,
     ContextualSparsity,
@@ -176,6 +177,14 @@ FEATURE_FLAGS: dict[str, FeatureFlag] = {
         choices=("off", "on"),
         default="off",
         build=lambda value: FusedCrossEntropy(),
+    ),
+    "--offload-activations": FeatureFlag(
+        "--offload-activations",
+        help="Activation offloading (ActivationOffloading, CUDA): what each block saves for backward waits in pinned"
+        " host memory, copied on a side stream; composes with --gradient-checkpointing; 'off' disables it.",
+        choices=("off", "on"),
+        default="off",
+        build=lambda value: ActivationOffloading(),
     ),
     "--attention": FeatureFlag(
         "--attention",

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sft.anatomy.modules import instance_forward, restore_forward
+from lightning_sft.anatomy.modules import install_stamp, instance_forward, restore_forward
 from lightning_sft.anatomy.stacks import block_step_flops
 
 
@@ -69,6 +69,7 @@ class LayerDropper:
         self.on_skip = on_skip
         self.ghost = False
         self.installed = False
+        self.installed_at = 0  # install_stamp() of the last install
         # The current step's plan: blocks dropped whole, and (per-sample) the kept-row draws.
         self.dropped: set[int] = set()
         self.sample_probabilities: list[float] | None = None
@@ -94,6 +95,7 @@ class LayerDropper:
             block.previous = instance_forward(block.module)
             block.module.forward = self._forward_of(block)
         self.installed = True
+        self.installed_at = install_stamp()
 
     def remove(self) -> None:
         """Put back the forwards ``install`` found."""

@@ -5,7 +5,8 @@ Pure arithmetic, no Lightning: ``estimate`` (the memory model), ``plan`` (the re
 that checks the model lives in ``lightning_sft.bench.memory_harness``. See docs/memory.md.
 """
 
-from lightning_sft.memory.estimate import COMPONENTS, MemoryEstimate, TrainingSetup, estimate
+from lightning_sft.memory.estimate import COMPONENTS, MemoryEstimate, estimate
+from lightning_sft.memory.setup import TrainingSetup
 from lightning_sft.memory.planner import NothingFits, Plan, Recipe, plan
 from lightning_sft.memory.shapes import PRESETS, ModelShape, hf_config, model_shape
 

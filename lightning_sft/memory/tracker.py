@@ -47,7 +47,8 @@ class LiveTensors(TorchDispatchMode):
     ``register`` adds storages that existed before (parameters, optimizer state, gradients) so they
     count towards ``live`` and can be named later. At each new peak the live storages are kept
     (``at_peak``), with whatever ``peak_probe`` returns then, so the peak can be broken down after
-    the fact.
+    the fact. ``to_host`` moves a storage to a second account (``host_live``, ``host_peak``): activation
+    offloading's host copies, which on CPU share the one memory with everything else.
     """
 
     def __init__(self) -> None:
@@ -58,6 +59,9 @@ class LiveTensors(TorchDispatchMode):
         self.at_peak: dict[int, Storage] = {}
         self.peak_extra: Any = None
         self.peak_probe: Callable[[], Any] | None = None
+        self.host: dict[int, int] = {}
+        self.host_live = 0
+        self.host_peak = 0
         self._serials = itertools.count()
 
     def register(self, tensors: Iterable[torch.Tensor]) -> None:
@@ -88,9 +92,22 @@ class LiveTensors(TorchDispatchMode):
             if self.peak_probe is not None:
                 self.peak_extra = self.peak_probe()
 
+    def to_host(self, tensor: torch.Tensor) -> None:
+        """Count ``tensor``'s storage (created inside the mode) as host memory from now on."""
+        key = storage_key(tensor)
+        found = self.storages.pop(key, None)
+        if found is None:
+            raise ValueError("to_host takes a tensor created inside the tracker, once.")
+        self.live -= found.nbytes
+        self.host[key] = found.nbytes
+        self.host_live += found.nbytes
+        self.host_peak = max(self.host_peak, self.host_live)
+
     def _free(self, key: int, nbytes: int) -> None:
         if self.storages.pop(key, None) is not None:
             self.live -= nbytes
+        elif self.host.pop(key, None) is not None:
+            self.host_live -= nbytes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))

@@ -17,6 +17,7 @@ import pytest
 import sharded_cases as cases
 from generated_docs import check_generated
 from lightning_sft import (
+    ActivationOffloading,
     AdaptiveRankSearch,
     AttentionImplementation,
     ContextualSparsity,
@@ -60,6 +61,8 @@ CONSTRUCTION = [
     Case("EfficiencyMonitor", "EfficiencyMonitor(tokens_fn=3)", lambda: EfficiencyMonitor(tokens_fn=3)),
     Case("ContextualSparsity", 'ContextualSparsity(strategy="bogus")', lambda: ContextualSparsity(strategy="bogus")),
     Case("FusedCrossEntropy", "FusedCrossEntropy(chunk_size=0)", lambda: FusedCrossEntropy(chunk_size=0)),
+    Case("FusedCrossEntropy", 'FusedCrossEntropy(backend="cuda")', lambda: FusedCrossEntropy(backend="cuda")),
+    Case("ActivationOffloading", "ActivationOffloading(min_bytes=-1)", lambda: ActivationOffloading(min_bytes=-1)),
 ]
 AT_FIT = [
     Case("LoRA", 'LoRA(target_modules=["nope"])', lambda m: _fit(m, LoRA(target_modules=["nope"]))),
@@ -77,6 +80,10 @@ AT_FIT = [
          lambda m: _setup_under(m, FSDP2Strategy(), LoRA(r=2), EightBitOptimizer())),
     Case("FusedCrossEntropy", 'FusedCrossEntropy() under strategy="fsdp2"',
          lambda m: _setup_under(m, FSDP2Strategy(), LoRA(r=2), FusedCrossEntropy())),
+    Case("FusedCrossEntropy", 'FusedCrossEntropy(backend="liger") after LoRA(), on CPU',
+         lambda m: _fit(m, LoRA(r=2), FusedCrossEntropy(backend="liger"))),
+    Case("ActivationOffloading", "ActivationOffloading() after LoRA(), on CPU",
+         lambda m: _fit(m, LoRA(r=2), ActivationOffloading())),
 ]
 CLI = [
     ("fit", ["fit", "--lora.r", "-1"]),

@@ -13,8 +13,10 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 import sharded_cases as cases
+from lightning_sft.recipes.offload import CopyTransfer
 from module_state import assert_same_state, module_state
 from lightning_sft import (
+    ActivationOffloading,
     AdaptiveRankSearch,
     AttentionImplementation,
     ContextualSparsity,
@@ -34,6 +36,7 @@ CHANGERS: dict[str, Callable[[], list[Callback]]] = {
     "sft": lambda: [SparseFineTuning(density=0.05, selection="weight")],
     "checkpointing": lambda: [GradientCheckpointing()],
     "attention": lambda: [AttentionImplementation("eager")],
+    "offloading": lambda: [ActivationOffloading(min_bytes=0, transfer=CopyTransfer())],
 }
 # Callbacks that refuse this module or data, in setup or at fit start (after others changed the module).
 REFUSERS: dict[str, Callable[[], Callback]] = {

@@ -93,6 +93,23 @@ def test_live_tensors_counts_storages_once_and_frees_them() -> None:
     assert tracker.live == 0 and tracker.peak == 8000
 
 
+def test_live_tensors_counts_host_copies_apart() -> None:
+    outside = torch.ones(10)
+    tracker = LiveTensors()
+    with tracker:
+        a, host = torch.ones(1000), torch.zeros(500)
+        tracker.to_host(host)
+        assert (tracker.live, tracker.host_live) == (4000, 2000)
+        with pytest.raises(ValueError, match="created inside the tracker, once"):
+            tracker.to_host(host)
+        with pytest.raises(ValueError, match="created inside the tracker"):
+            tracker.to_host(outside)
+        del host
+        assert tracker.host_live == 0 and tracker.live == 4000
+    del a
+    assert tracker.peak == 6000 and tracker.host_peak == 2000  # a copy counts on the device until it is moved
+
+
 def test_saved_for_backward_leaves_out_parameters() -> None:
     layer = torch.nn.Linear(16, 32)
     x = torch.randn(8, 16, requires_grad=True)
@@ -232,8 +249,38 @@ def test_planner_recommends_the_fastest_recipe_that_fits() -> None:
 def test_planner_says_what_would_fit_when_nothing_does() -> None:
     with pytest.raises(NothingFits, match="No recipe fits 24.0 GiB.*It would fit with --gpus"):
         plan("llama-3.1-70b", 24 * GIB)
+    # Batch 16 fits only by offloading its checkpointed block inputs (8 GiB of host memory).
     with pytest.raises(NothingFits, match="It would fit with --batch 8 or --seq 1024"):
-        plan("llama-3.1-8b", 24 * GIB, seq=2048, batch=16, methods=("lora",))
+        plan("llama-3.1-8b", 24 * GIB, seq=2048, batch=16, methods=("lora",), host_memory=4 * GIB)
+
+
+def test_planner_weighs_activation_offloading_with_its_copies_and_host_memory() -> None:
+    offloaded = plan("llama-3.1-8b", 24 * GIB, seq=2048, batch=16, methods=("lora",)).recommended
+    assert offloaded.setup.offload_activations and offloaded.setup.gradient_checkpointing
+    assert offloaded.estimate.host == 32 * 8 * 2048 * 4096 * 2 * 2  # each block's bf16 input, in powers of two
+    assert "--offload-activations on" in offloaded.flags()
+    # Where bf16 LoRA fits either way, offloading's copies are not worth their cost; where it fits only with
+    # them (18 GB), they beat QLoRA.
+    assert not plan("llama-3.1-8b", 24 * GIB, seq=2048, batch=4).recommended.setup.offload_activations
+    small = plan("llama-3.1-8b", 18 * GIB, seq=2048, batch=4)
+    assert small.recommended.setup.method == "lora" and small.recommended.setup.offload_activations
+    qlora = max(r.speed for r in small.recipes if r.setup.method == "qlora" and r.fits)
+    assert qlora < 0.8 < small.recommended.speed
+    # Offloading every saved tensor of an 8B model moves ~49 GiB each way: bound by the host link.
+    everything = next(r for r in plan("llama-3.1-8b", 24 * GIB, seq=2048, batch=4).recipes
+                      if r.setup.offload_activations and not r.setup.gradient_checkpointing and r.setup.method == "lora")
+    assert everything.estimate.host > 40 * GIB and everything.speed < 0.3
+    with pytest.raises(ValueError, match="host_memory must be a positive number"):
+        plan("llama-3.1-8b", 24 * GIB, host_memory=0)
+
+
+def test_offloaded_host_memory_is_rounded_to_powers_of_two_on_cuda_only() -> None:
+    setup = TrainingSetup(method="lora", batch=3, seq=100, offload_activations=True, offload_min_bytes=0)
+    cuda, cpu = estimate("llama-2-7b", setup), estimate("llama-2-7b", setup.with_(device="cpu"))
+    assert cpu.host == cpu.offloaded and cuda.host > cuda.offloaded  # 300 tokens: no size is a power of two
+    assert cuda.peak < estimate("llama-2-7b", setup.with_(offload_activations=False)).peak
+    kept = estimate("llama-2-7b", setup.with_(offload_min_bytes=2**40))  # nothing is that large: nothing moves
+    assert kept.host == 0 and kept.sizes["activations"] == estimate("llama-2-7b", setup.with_(offload_activations=False)).sizes["activations"]
 
 
 def test_plan_cli(capsys) -> None:
