@@ -14,6 +14,13 @@ def check_int(value: Any, name: str, low: int, hint: str) -> int:
     return value
 
 
+def check_block_paths(blocks: Any) -> list[str] | None:
+    """``blocks`` as a list of dotted paths of block stacks (None: found by structure); else a ValueError."""
+    if blocks is not None and (isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks)):
+        raise ValueError(f"`blocks` must be a list of dotted module paths such as ['model.layers']; got {blocks!r}.")
+    return list(blocks) if blocks is not None else None
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """argparse type: a bad size is a usage error up front, not a traceback after the model is built."""
 

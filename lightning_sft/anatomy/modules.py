@@ -23,6 +23,13 @@ def instance_forward(module: nn.Module) -> Callable[..., Any] | None:
     return module.__dict__.get("forward")
 
 
+def marked_forward(module: nn.Module, mark: str) -> Callable[..., Any] | None:
+    """``module``'s instance forward if a wrapper installed it with ``mark`` in its ``__dict__`` (the wrapper
+    stores there the forward it replaced), else None."""
+    forward = instance_forward(module)
+    return forward if mark in getattr(forward, "__dict__", {}) else None
+
+
 def restore_forward(module: nn.Module, previous: Callable[..., Any] | None) -> None:
     """Put back the ``instance_forward`` taken before a wrapper was set (None: the class's forward again)."""
     if previous is None:

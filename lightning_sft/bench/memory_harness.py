@@ -29,8 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_sft.memory.estimate import COMPONENTS
 from lightning_sft.memory.setup import TrainingSetup
 from lightning_sft.memory.shapes import hf_config, model_shape
-from lightning_sft.memory.tracker import LiveTensors, SavedForBackward, storage_key
-from lightning_sft.recipes.offload import CopyTransfer
+from lightning_sft.memory.tracker import HostCopies, LiveTensors, SavedForBackward, storage_key
 
 _MEASURED_STEP = 1  # the second step: optimizer state exists, as in every step after the first
 
@@ -103,6 +102,7 @@ class _StepProbe(Callback):
     def __init__(self, vocab: int) -> None:
         self.vocab = vocab
         self.tracker: LiveTensors | None = None
+        self.host_copies = HostCopies()  # offloading's copies: host memory while the measured step is tracked
         self.saved: SavedForBackward | None = None
         self.result: Measurement | None = None
 
@@ -116,7 +116,7 @@ class _StepProbe(Callback):
         gc.collect()
         weights = [*pl_module.parameters(), *pl_module.buffers(), *_quant_state_tensors(pl_module)]
         states = [t for opt in trainer.optimizers for t in _optimizer_tensors(opt)]
-        tracker = self.tracker = LiveTensors()
+        tracker = self.tracker = self.host_copies.tracker = LiveTensors()
         tracker.register([*weights, *states, batch])
         tracker.register(p.grad for p in pl_module.parameters() if p.grad is not None)
         self.weight_serials = self._serials(weights)
@@ -145,7 +145,7 @@ class _StepProbe(Callback):
         tracker, saved = self.tracker, self.saved
         tracker.__exit__(None, None, None)
         saved.__exit__(None, None, None)
-        self.tracker = self.saved = None
+        self.tracker = self.saved = self.host_copies.tracker = None
         self.result = self._sort(tracker, saved)
 
     def _sort(self, tracker: LiveTensors, saved: SavedForBackward) -> Measurement:
@@ -182,20 +182,7 @@ class _StepProbe(Callback):
         )
 
 
-class _HostCopies(CopyTransfer):
-    """Offloading's copies, counted by the measured step's tracker as host memory."""
-
-    def __init__(self, probe: _StepProbe) -> None:
-        self.probe = probe
-
-    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        host = super().to_host(tensor)
-        if self.probe.tracker is not None:
-            self.probe.tracker.to_host(host)
-        return host
-
-
-def _callbacks(setup: TrainingSetup, probe: _StepProbe) -> list[Callback]:
+def _callbacks(setup: TrainingSetup, host_copies: HostCopies) -> list[Callback]:
     """This package's callbacks that give ``setup`` its method and recipes, as a user would add them."""
     from lightning_sft.callbacks import LoRA, SparseFineTuning
 
@@ -224,7 +211,7 @@ def _callbacks(setup: TrainingSetup, probe: _StepProbe) -> list[Callback]:
     if setup.offload_activations:
         from lightning_sft.callbacks import ActivationOffloading
 
-        callbacks.append(ActivationOffloading(min_bytes=setup.offload_min_bytes, transfer=_HostCopies(probe)))
+        callbacks.append(ActivationOffloading(min_bytes=setup.offload_min_bytes, transfer=host_copies))
     return callbacks
 
 
@@ -243,7 +230,7 @@ def measure(config: Any, setup: TrainingSetup, seed: int = 0) -> Measurement:
         devices=1,
         precision=setup.precision,
         max_steps=_MEASURED_STEP + 1,
-        callbacks=[*_callbacks(setup, probe), probe],
+        callbacks=[*_callbacks(setup, probe.host_copies), probe],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

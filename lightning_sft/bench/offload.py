@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightning_sft.bench.common import build_llama, run_and_report
 from lightning_sft.bench.timing import interleaved, paired_ratios
 from lightning_sft.validation import int_at_least
+
+if TYPE_CHECKING:
+    from lightning_sft.memory.tracker import HostCopies
 
 NAME = "offload"
 HELP = "a training step with activation offloading (and checkpointing) against without: device peak, host memory, step time"
@@ -58,6 +61,7 @@ def measure(hidden: int, layers: int, seq: int, batch: int, steps: int, min_byte
     """Peaks, host memory, agreement and paired step-time ratios of the four ways, fp32 (CPU) or bf16 (CUDA)."""
     from lightning_sft.adapters import LoRAConfig, inject_lora
     from lightning_sft.recipes.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
+    from lightning_sft.memory.tracker import HostCopies
     from lightning_sft.recipes.offload import offload_activations
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -66,7 +70,7 @@ def measure(hidden: int, layers: int, seq: int, batch: int, steps: int, min_byte
     model.to(device=device, dtype=dtype)
     ids = torch.randint(0, 2048, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
     trained = [p for p in model.parameters() if p.requires_grad]
-    transfer = _HostCopies() if device == "cpu" else None
+    transfer = HostCopies() if device == "cpu" else None
 
     def step(way: str) -> tuple[float, list[torch.Tensor], int]:
         checkpointed = "checkpointing" in way and bool(enable_gradient_checkpointing(model))
@@ -97,29 +101,7 @@ def measure(hidden: int, layers: int, seq: int, batch: int, steps: int, min_byte
             "seq": seq, "batch": batch, "min_bytes": min_bytes, "rows": rows}
 
 
-class _HostCopies:
-    """On a CPU: CopyTransfer whose copies the measuring tracker counts as host memory."""
-
-    def __init__(self) -> None:
-        from lightning_sft.recipes.offload import CopyTransfer
-
-        self.copy = CopyTransfer()
-        self.tracker: Any = None
-
-    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        host = self.copy.to_host(tensor)
-        if self.tracker is not None:
-            self.tracker.to_host(host)
-        return host
-
-    def to_device(self, tensors: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], Any]:
-        return self.copy.to_device(tensors, device)
-
-    def wait(self, handle: Any) -> None:
-        self.copy.wait(handle)
-
-
-def _peak(device: str, transfer: _HostCopies | None, step: Callable[[], Any]) -> tuple[Any, int]:
+def _peak(device: str, transfer: HostCopies | None, step: Callable[[], Any]) -> tuple[Any, int]:
     """``step()``'s result and the device peak while it ran (above what was allocated before)."""
     if device == "cuda":
         torch.cuda.synchronize()

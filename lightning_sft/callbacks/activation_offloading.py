@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_sft.callbacks.base import ForwardWrapper, SFTCallback, beneath_forward_wrappers
 from lightning_sft.recipes.offload import MIN_BYTES, OffloadedBlocks, Transfer, offload_activations
 from lightning_sft.strategies import UNSHARDED
-from lightning_sft.validation import check_int
+from lightning_sft.validation import check_block_paths, check_int
 
 _MIB = 2**20
 
@@ -51,9 +51,7 @@ class ActivationOffloading(SFTCallback):
     ) -> None:
         super().__init__()
         self.min_bytes = check_int(min_bytes, "min_bytes", 0, f"The default {MIN_BYTES} keeps tensors under 1 MiB.")
-        if blocks is not None and (isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks)):
-            raise ValueError(f"`blocks` must be a list of dotted module paths such as ['model.layers']; got {blocks!r}.")
-        self.block_paths = list(blocks) if blocks is not None else None
+        self.block_paths = check_block_paths(blocks)
         self.transfer = transfer
         self._offloaded: OffloadedBlocks | None = None
 

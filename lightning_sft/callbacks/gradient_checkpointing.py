@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_sft.callbacks.base import SFTCallback, beneath_forward_wrappers
 from lightning_sft.recipes.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
+from lightning_sft.validation import check_block_paths
 
 
 
@@ -34,11 +35,7 @@ class GradientCheckpointing(SFTCallback):
 
     def __init__(self, blocks: Sequence[str] | None = None) -> None:
         super().__init__()
-        if blocks is not None and (isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks)):
-            raise ValueError(
-                f"`blocks` must be a list of dotted module paths such as ['model.layers']; got {blocks!r}."
-            )
-        self.block_paths = list(blocks) if blocks is not None else None
+        self.block_paths = check_block_paths(blocks)
         self.checkpointed: list[str] = []
 
     def run_label(self) -> str:

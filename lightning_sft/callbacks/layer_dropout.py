@@ -37,7 +37,7 @@ from lightning_sft.layer_dropout.schedules import (
     validate_schedule,
 )
 from lightning_sft.anatomy.stacks import find_stacks
-from lightning_sft.validation import check_int
+from lightning_sft.validation import check_block_paths, check_int
 
 FLOPS_SOURCE = "layer_dropout"
 DEFAULT_ARMS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -109,9 +109,7 @@ class LayerDropout(SFTCallback):
         if seed is not None:
             check_int(seed, "seed", 0, "Leave it None to use the global seed.")
         self.seed = seed
-        if blocks is not None and (isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks)):
-            raise ValueError(f"`blocks` must be a list of dotted module paths such as ['model.layers']; got {blocks!r}.")
-        self.block_paths = list(blocks) if blocks is not None else None
+        self.block_paths = check_block_paths(blocks)
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
             raise ValueError(f"`gamma` must be a number > 0; got {gamma!r}. 0.001 reaches 63% of the rate after 1000 steps.")
         self.gamma = float(gamma)

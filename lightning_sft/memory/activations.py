@@ -9,7 +9,6 @@ tensor, not a per-block total, is what lets activation offloading's ``min_bytes`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from lightning_sft.memory.setup import TrainingSetup
@@ -38,10 +37,11 @@ def activations(shape: ModelShape, setup: TrainingSetup) -> Activations:
     tokens, p = setup.tokens, setup.activation_bytes
     trains_all = setup.method == "full"
     kept = 1 - setup.layer_dropout
+    full = _block_tensors(shape, setup, first=False)
     if setup.gradient_checkpointing:  # each block's input, kept by its checkpoint
         first = block = [float(shape.hidden * p)]
     else:
-        first, block = _block_tensors(shape, setup, first=True), _block_tensors(shape, setup, first=False)
+        first, block = _block_tensors(shape, setup, first=True), full
     h = shape.hidden
     if shape.rms_norm:
         final_norm = tokens * (4 * h + 4 + (2 * p * h if trains_all else 0))
@@ -55,15 +55,15 @@ def activations(shape: ModelShape, setup: TrainingSetup) -> Activations:
         top += 2 * setup.seq * shape.head_dim * p  # computed outside the checkpoints, kept by them
     elif trains_all:
         top += tokens * h * _dropout_mask_bytes(setup) + setup.seq * 8  # embedding dropout, positions
-    full_block = round(tokens * sum(_block_tensors(shape, setup, first=False)))
+    full_block = round(tokens * sum(full))
     all_blocks = tokens * (sum(first) + sum(block) * (shape.layers - 1)) * kept + sum(shared)
     if not setup.offload_activations:
         return Activations(round(all_blocks + final_norm + top), full_block)
     sizes = [[tokens * t for t in first]] + [[tokens * t for t in block]] * (shape.layers - 1)
     moved = [[size for size in tensors if size >= setup.offload_min_bytes] for tensors in sizes]
     moved_shared = [size for size in shared if size >= setup.offload_min_bytes]
-    on_host = sum(map(_host_bytes(setup), (size for tensors in moved for size in tensors))) * kept
-    on_host += sum(map(_host_bytes(setup), moved_shared))
+    on_host = sum(_host_bytes(setup, size) for tensors in moved for size in tensors) * kept
+    on_host += sum(_host_bytes(setup, size) for size in moved_shared)
     offloaded = sum(map(sum, moved)) * kept + sum(moved_shared)
     return Activations(round(all_blocks - offloaded + final_norm + top), full_block, round(offloaded), round(on_host),
                        round(sum(moved[-1])))
@@ -75,11 +75,11 @@ def mlp_gradients(shape: ModelShape, setup: TrainingSetup) -> int:
     return (3 if shape.gated_mlp else 2) * setup.tokens * shape.intermediate * setup.activation_bytes
 
 
-def _host_bytes(setup: TrainingSetup) -> Callable[[float], float]:
-    """The host memory a tensor of this size takes: CUDA's pinned-memory allocator hands out powers of two."""
-    if setup.device == "cpu":
-        return lambda size: size
-    return lambda size: 2 ** math.ceil(math.log2(size)) if size > 0 else 0
+def _host_bytes(setup: TrainingSetup, size: float) -> float:
+    """The host memory a tensor of ``size`` bytes takes: CUDA's pinned-memory allocator hands out powers of two."""
+    if setup.device == "cpu" or size <= 0:
+        return size
+    return 2 ** math.ceil(math.log2(size))
 
 
 def _dropout_mask_bytes(setup: TrainingSetup) -> int:

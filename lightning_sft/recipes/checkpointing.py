@@ -32,10 +32,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_sft.anatomy.modules import instance_forward, restore_forward
+from lightning_sft.anatomy.modules import instance_forward, marked_forward, restore_forward
 from lightning_sft.anatomy.stacks import find_stacks
 from lightning_sft.sparsity.sparsify import sparse_blocks
 from lightning_sft.sparsity.state import SparsityState
+from lightning_sft.validation import check_block_paths
 
 # Marks our forwards; the value is the instance attribute ``forward`` they replaced (None: the class's).
 _MARK = "_lightning_sft_checkpointed"
@@ -48,13 +49,12 @@ def enable_gradient_checkpointing(model: nn.Module, blocks: Sequence[str] | None
     (``find_stacks``: ``model.layers`` of LLaMA-likes, ``transformer.h`` of GPT-2, any list of blocks).
     Everything is checked before the first block changes, so an error leaves ``model`` as it was.
     """
-    if blocks is not None and (isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks)):
-        raise ValueError(f"`blocks` must be a list of dotted module paths such as ['model.layers']; got {blocks!r}.")
+    check_block_paths(blocks)
     targets: dict[int, tuple[str, nn.Module]] = {}
     for stack_name, stack in find_stacks(model, blocks):
         for index, block in enumerate(stack):
             name = f"{stack_name}.{index}"
-            if _installed(block) is not None:
+            if marked_forward(block, _MARK) is not None:
                 raise ValueError(
                     f"Gradient checkpointing is already enabled on {name!r}; call disable_gradient_checkpointing(model)"
                     " before enabling it again."
@@ -81,18 +81,12 @@ def disable_gradient_checkpointing(model: nn.Module) -> list[str]:
     """Put back the forward each checkpointed block of ``model`` had; returns their names ([] if none)."""
     restored = []
     for name, module in model.named_modules():
-        forward = _installed(module)
+        forward = marked_forward(module, _MARK)
         if forward is None:
             continue
         restore_forward(module, forward.__dict__[_MARK])
         restored.append(name)
     return restored
-
-
-def _installed(module: nn.Module) -> Callable[..., Any] | None:
-    """``module``'s instance forward if it is a checkpointed one installed here, else None."""
-    forward = instance_forward(module)
-    return forward if _MARK in getattr(forward, "__dict__", {}) else None
 
 
 def _checkpointed(block: nn.Module, forward: Callable[..., Any], previous: Any) -> Callable[..., Any]:

@@ -30,8 +30,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from lightning_sft.anatomy.modules import install_stamp, instance_forward, restore_forward
+from lightning_sft.anatomy.modules import install_stamp, instance_forward, marked_forward, restore_forward
 from lightning_sft.anatomy.stacks import find_stacks
+from lightning_sft.validation import check_block_paths, check_int
 
 # Smaller saved tensors stay on the device: a copy this small costs more in launch latency than it frees.
 MIN_BYTES = 2**20
@@ -64,10 +65,7 @@ class StreamTransfer:
 
     def to_host(self, tensor: Tensor) -> Tensor:
         compute = torch.cuda.current_stream(tensor.device)
-        if tensor.is_contiguous():
-            host = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, pin_memory=True)
-        else:
-            host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=True)
+        host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=True)
         self.stream.wait_stream(compute)  # the tensor has been computed
         with torch.cuda.stream(self.stream):
             host.copy_(tensor.detach(), non_blocking=True)
@@ -274,8 +272,8 @@ class OffloadedBlocks:
 
     def remove(self) -> None:
         for _, block in self.blocks:
-            forward = instance_forward(block)
-            if forward is not None and _MARK in getattr(forward, "__dict__", {}):
+            forward = marked_forward(block, _MARK)
+            if forward is not None:
                 restore_forward(block, forward.__dict__[_MARK])
         self.installed = False
 
@@ -305,8 +303,8 @@ def offload_activations(
     they are found by structure (``find_stacks``). Everything is checked before a forward changes.
     """
     device = torch.device(device)
-    if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
-        raise ValueError(f"`min_bytes` must be an integer >= 0; got {min_bytes!r}. The default {MIN_BYTES} keeps tensors under 1 MiB.")
+    check_int(min_bytes, "min_bytes", 0, f"The default {MIN_BYTES} keeps tensors under 1 MiB.")
+    blocks = check_block_paths(blocks)
     if transfer is None:
         if device.type != "cuda":
             raise ValueError(
@@ -316,8 +314,7 @@ def offload_activations(
         transfer = StreamTransfer(device)
     targets = [(f"{name}.{i}", block) for name, stack in find_stacks(model, blocks) for i, block in enumerate(stack)]
     for name, block in targets:
-        forward = instance_forward(block)
-        if forward is not None and _MARK in getattr(forward, "__dict__", {}):
+        if marked_forward(block, _MARK) is not None:
             raise ValueError(f"Activation offloading is already installed on {name!r}; call remove() on the first one.")
     wrapper = OffloadedBlocks(targets, ActivationOffloader(device, transfer, min_bytes))
     wrapper.install()

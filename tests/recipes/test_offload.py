@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from lightning_sft.memory.tracker import LiveTensors
+from lightning_sft.memory.tracker import HostCopies, LiveTensors
 from lightning_sft.recipes import enable_gradient_checkpointing, offload_activations
 from lightning_sft.recipes.offload import CopyTransfer
 
@@ -115,15 +115,10 @@ def test_the_device_keeps_only_what_lies_outside_the_blocks() -> None:
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
 
     def live_after_forward(offload: bool) -> int:
-        model = _model("llama")
+        model, host_copies = _model("llama"), HostCopies()
         if offload:
-            class Apart(CopyTransfer):
-                def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-                    copy_ = super().to_host(tensor)
-                    tracker.to_host(copy_)
-                    return copy_
-            offload_activations(model, "cpu", Apart(), min_bytes=0)
-        tracker = LiveTensors()
+            offload_activations(model, "cpu", host_copies, min_bytes=0)
+        tracker = host_copies.tracker = LiveTensors()
         with tracker:
             loss = model(input_ids=ids, labels=ids).loss
         live, moved = tracker.live, tracker.host_live
